@@ -1,0 +1,39 @@
+"""The identities of THEORY.md on plain tensors: exact implicit updates, output-side solvers, dynamics."""
+
+from implicit_icl.theory.dynamics import (
+    apply_factorised,
+    factorised_updates,
+    gradient_descent_errors,
+    increment_norms,
+    prefix_updates,
+)
+from implicit_icl.theory.output_side import (
+    norm_scale_shift,
+    output_rank_one,
+    rms_normalize,
+    stable_norm_scale_patch,
+)
+from implicit_icl.theory.rank_one import (
+    RankOneUpdate,
+    ImplicitUpdate,
+    rank_one_update,
+    residual_update,
+    skip_update,
+)
+
+__all__ = [
+    "ImplicitUpdate",
+    "RankOneUpdate",
+    "apply_factorised",
+    "factorised_updates",
+    "gradient_descent_errors",
+    "increment_norms",
+    "norm_scale_shift",
+    "output_rank_one",
+    "prefix_updates",
+    "rank_one_update",
+    "residual_update",
+    "rms_normalize",
+    "skip_update",
+    "stable_norm_scale_patch",
+]

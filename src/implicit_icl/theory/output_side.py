@@ -1,0 +1,83 @@
+"""Output-side solvers of THEORY.md §4: add a shift δ = r_C − r to a block's output by a weight change.
+
+Once the input side makes the MLP produce its context-ful output, what remains is the difference δ of
+the residual streams. Which parameter can absorb it depends on the architecture:
+
+- a bias on the MLP output: Δb = δ (a steering vector) — no function needed, the shift is δ itself;
+- the MLP output matrix:    ΔW_down = δ a_C^T / ||a_C||^2 (keeps the patch bias-free);
+- a post-norm scale s in y = r + s ⊙ n(m), n(m) = m / sqrt(mean(m^2) + eps):
+  elementwise Δs = δ ⊘ n(m_C), or the stable variant that moves m first and rescales s uniformly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, safe_squared_norm
+from implicit_icl.theory.rank_one import RankOneUpdate
+
+
+def output_rank_one(shift: Tensor, inner_context: Tensor) -> RankOneUpdate:
+    """ΔW_down = δ a_C^T / ||a_C||^2, so that (W_down + ΔW_down) a_C = W_down a_C + δ.
+
+    shift δ: [..., out]; inner_context a_C (the activation W_down reads): [..., in].
+    """
+    check_finite("output shift", shift)
+    check_finite("inner activation with context", inner_context)
+    squared = safe_squared_norm("the inner activation a_C read by the output matrix", inner_context)
+    return RankOneUpdate(shift, inner_context / squared.unsqueeze(-1))
+
+
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
+    """n(x) = x / sqrt(mean(x^2) + eps) over the last dimension: [..., d] -> [..., d]."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def norm_scale_shift(shift: Tensor, mlp_output_context: Tensor, eps: float) -> Tensor:
+    """Elementwise Δs with (s + Δs) ⊙ n(m_C) = s ⊙ n(m_C) + δ: Δs = δ ⊘ n(m_C).
+
+    shift δ, mlp_output_context m_C: [..., d]. Exact, but ill-conditioned where n(m_C) is tiny: in low
+    precision prefer `stable_norm_scale_patch`.
+    """
+    check_finite("output shift", shift)
+    check_finite("MLP output with context", mlp_output_context)
+    normalized = rms_normalize(mlp_output_context, eps)
+    blocked = (normalized == 0) & (shift != 0)
+    if blocked.any():
+        raise ImplicitICLError(
+            f"the normalised MLP output is zero at {int(blocked.sum())} coordinate(s) where the needed shift is "
+            "not, so no norm-scale patch reaches it; use the output-matrix patch instead"
+        )
+    return torch.where(normalized == 0, torch.zeros_like(shift), shift / normalized)
+
+
+def stable_norm_scale_patch(
+    shift: Tensor, mlp_output_context: Tensor, inner_context: Tensor, scale: Tensor, eps: float
+) -> tuple[RankOneUpdate, Tensor]:
+    """The low-precision-friendly post-norm patch ([G]): a rank-1 ΔW_down, then a uniform rescale of s.
+
+    The block outputs r + s ⊙ n(m); it must output r + s ⊙ n(m_C) + δ = r + s ⊙ t with
+    t = n(m_C) + δ ⊘ s. ΔW_down moves m_C to m' = α t (α keeps the size of m_C), whose normalised form is
+    t up to one scalar; the scale patch Δs = (κ − 1) s restores that scalar. No coordinate is divided by
+    a small normalised entry, which is what makes the elementwise solution blow up in bfloat16.
+
+    shift δ, mlp_output_context m_C: [..., d]; scale s (the effective scale, e.g. 1 + w for Gemma): [d];
+    inner_context a_C: [..., d_inner]. Returns (ΔW_down, Δs) with Δs: [..., d].
+    """
+    for name, tensor in (("output shift", shift), ("MLP output with context", mlp_output_context)):
+        check_last_dim(name, tensor, scale.shape[-1])
+        check_finite(name, tensor)
+    if ((scale == 0) & (shift != 0)).any():
+        raise ImplicitICLError(
+            "the post-norm scale is zero where the needed shift is not; no scale patch can reach it"
+        )
+    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    target = rms_normalize(mlp_output_context, eps) + shift / safe_scale
+    target_rms = safe_squared_norm("the target of the stable norm patch", target).div(target.shape[-1]).sqrt()
+    output_rms = safe_squared_norm("the MLP output m_C", mlp_output_context).div(target.shape[-1]).sqrt()
+    alpha = (output_rms / target_rms).unsqueeze(-1)
+    moved_output = alpha * target
+    down_update = output_rank_one(moved_output - mlp_output_context, inner_context)
+    kappa = torch.sqrt(moved_output.pow(2).mean(-1, keepdim=True) + eps) / alpha
+    return down_update, (kappa - 1) * scale
