@@ -97,11 +97,25 @@ class ContextualBlock(nn.Module):
         try:
             removed[portion] = True
         except IndexError as error:
-            raise ImplicitICLError(f"portion {portion} is out of range for a context of {context.shape[0]} tokens") from error
+            raise ImplicitICLError(
+                f"portion {portion} is out of range for a context of {context.shape[0]} tokens"
+            ) from error
         if not removed.any():
             raise ImplicitICLError("the portion Y selects no context token; give at least one index to remove")
         reduced = torch.cat([context[~removed], query[None]])
         return self._update(torch.cat([context, query[None]]), reduced)
+
+    def update_for_last_tokens(self, sequences: Tensor) -> ImplicitUpdate:
+        """`update_for_query` for a batch: each sequence's context is all but its last token.
+
+        sequences: [..., T, d] with T ≥ 2 -> batched update with factors [..., ·].
+        """
+        if sequences.dim() < 2 or sequences.shape[-2] < 2:
+            raise ImplicitICLError(
+                f"expected sequences [..., T, d] with T ≥ 2 (a context and a query), got {tuple(sequences.shape)}"
+            )
+        check_finite("sequences", sequences)
+        return self._update(sequences, sequences[..., -1:, :])
 
     def updates_every_position(self, sequence: Tensor) -> ImplicitUpdate:
         """Each position's own update (its context: the tokens before it; its reference: itself alone).
@@ -152,7 +166,9 @@ def _check_context(context: Tensor, query: Tensor) -> None:
     if context.dim() != 2 or context.shape[0] == 0:
         raise ImplicitICLError(f"the context must be a non-empty [n, d] matrix, got shape {tuple(context.shape)}")
     if query.shape != context.shape[1:]:
-        raise ImplicitICLError(f"the query has shape {tuple(query.shape)} but context tokens are {context.shape[1]}-dim")
+        raise ImplicitICLError(
+            f"the query has shape {tuple(query.shape)} but context tokens are {context.shape[1]}-dim"
+        )
     check_finite("context", context)
     check_finite("query", query)
 

@@ -14,8 +14,8 @@ from implicit_icl.theory.output_side import (
     stable_norm_scale_patch,
 )
 from implicit_icl.theory.rank_one import (
-    RankOneUpdate,
     ImplicitUpdate,
+    RankOneUpdate,
     rank_one_update,
     residual_update,
     skip_update,

@@ -23,19 +23,26 @@ def _check_sequence(name: str, sequence: Tensor, query: Tensor) -> None:
 def prefix_updates(weight: Tensor, attention_prefixes: Tensor, attention_query: Tensor) -> RankOneUpdate:
     """ΔW(c_1..c_i) for every prefix i = 1..n.
 
-    weight: [out, in]; attention_prefixes: [n, in], row i−1 = A(c_1..c_i, x); attention_query A(x): [in].
-    Returns a batched update with u: [n, out] and v: [n, in] (the same row n times).
+    weight: [out, in]; attention_prefixes: [..., n, in], row i−1 = A(c_1..c_i, x); attention_query A(x):
+    [..., in]. Leading dimensions are independent prompts. Returns a batched update with u: [..., n, out]
+    and v: [..., n, in] (the same row n times).
     """
-    _check_sequence("attention_prefixes", attention_prefixes, attention_query)
-    return rank_one_update(weight, attention_prefixes, attention_query.expand_as(attention_prefixes))
+    if attention_prefixes.dim() < 2 or attention_prefixes.shape[-2] == 0:
+        raise ImplicitICLError(
+            f"attention_prefixes must be a non-empty [..., n, in] tensor, got shape {tuple(attention_prefixes.shape)}"
+        )
+    check_last_dim("attention_prefixes", attention_prefixes, attention_query.shape[-1])
+    reference = attention_query.unsqueeze(-2).expand_as(attention_prefixes)
+    return rank_one_update(weight, attention_prefixes, reference)
 
 
 def increment_norms(updates: RankOneUpdate) -> Tensor:
     """||W_{i+1} − W_i||_F for i = 0..n−1 (W_0 = W) from prefix updates with a shared right factor.
 
-    updates: u [n, out], v [n, in] as returned by `prefix_updates`. Returns [n]; entry 0 is ||ΔW_1||.
+    updates: u [..., n, out], v [..., n, in] as returned by `prefix_updates`. Returns [..., n]; entry 0 is
+    ||ΔW_1||.
     """
-    steps = torch.diff(updates.u, dim=0, prepend=torch.zeros_like(updates.u[:1]))
+    steps = torch.diff(updates.u, dim=-2, prepend=torch.zeros_like(updates.u[..., :1, :]))
     return steps.norm(dim=-1) * updates.v.norm(dim=-1)
 
 

@@ -69,9 +69,7 @@ def stable_norm_scale_patch(
         check_last_dim(name, tensor, scale.shape[-1])
         check_finite(name, tensor)
     if ((scale == 0) & (shift != 0)).any():
-        raise ImplicitICLError(
-            "the post-norm scale is zero where the needed shift is not; no scale patch can reach it"
-        )
+        raise ImplicitICLError("the post-norm scale is zero where the needed shift is not; no scale patch can reach it")
     safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     target = rms_normalize(mlp_output_context, eps) + shift / safe_scale
     target_rms = safe_squared_norm("the target of the stable norm patch", target).div(target.shape[-1]).sqrt()
