@@ -1,0 +1,136 @@
+"""Hooks on the unmodified Hugging Face model: read the context-ful run at chosen positions.
+
+Decoder layers are called with the hidden states as first positional argument or as `hidden_states=`, and
+return a tensor or (Falcon) a tuple whose first entry is the hidden states; the helpers here accept both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from implicit_icl.hf.spec import FamilySpec
+
+
+class StopForward(Exception):
+    """Raised by a hook after the last layer: the final norm and the head are not needed."""
+
+
+def layers_of(model: nn.Module, spec: FamilySpec) -> nn.ModuleList:
+    return model.get_submodule(spec.layers)
+
+
+def hidden_argument(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden_argument(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def first_output(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def hooked(handles: list) -> Iterator[None]:
+    """Remove the hook handles on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_model(model: PreTrainedModel, input_ids: Tensor, position_ids: Tensor) -> Tensor | None:
+    """The model's output (logits, or the last hidden state of an encoder) for input_ids [batch, T] at
+    absolute positions position_ids [batch, T]; None when a hook stopped the run after the last layer.
+
+    The explicit all-ones attention mask matters: without it HF reads a jump in position_ids (a removed
+    span) as the start of another packed sequence and hides the tokens before it."""
+    mask = torch.ones_like(input_ids)
+    try:
+        output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+    except StopForward:
+        return None
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where inputs go: the device of the input embeddings (a dispatched model spreads its layers)."""
+    return model.get_input_embeddings().weight.device
+
+
+@dataclass(frozen=True)
+class ContextStates:
+    """The context-ful run read at N positions, per layer l (tensors [N, ...] in the model's dtype).
+
+    layer_inputs[l]: the hidden states entering layer l.
+    residual_sums[l]: where the block output is compared (the layer output, or the input of the spec's
+        `residual_sum` module).
+    mlp_input_outputs[l]: output of every MLP input matrix, by its path inside the layer.
+    """
+
+    layer_inputs: list[Tensor]
+    residual_sums: list[Tensor]
+    mlp_input_outputs: list[dict[str, Tensor]]
+
+
+@torch.no_grad()
+def record_context(
+    model: PreTrainedModel, spec: FamilySpec, input_ids: Tensor, position_ids: Tensor, positions: Sequence[int]
+) -> ContextStates:
+    """One context-ful forward pass of input_ids [1, T], read at `positions`; stops after the last layer."""
+    layers = layers_of(model, spec)
+    n_layers = len(layers)
+    index = torch.as_tensor(list(positions), device=model_device(model))
+    states = ContextStates([None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)])
+
+    def at_positions(tensor: Tensor) -> Tensor:
+        return tensor[0].index_select(0, index.to(tensor.device))
+
+    def record_input(layer: int):
+        def hook(module, args, kwargs):
+            states.layer_inputs[layer] = at_positions(hidden_argument(args, kwargs))
+
+        return hook
+
+    def record_output(layer: int):
+        def hook(module, args, output):
+            if spec.residual_sum is None:
+                states.residual_sums[layer] = at_positions(first_output(output))
+            if layer == n_layers - 1:
+                raise StopForward
+
+        return hook
+
+    def record_sum(layer: int):
+        def hook(module, args):
+            states.residual_sums[layer] = at_positions(args[0])
+
+        return hook
+
+    def record_matrix(layer: int, path: str):
+        def hook(module, args, output):
+            states.mlp_input_outputs[layer][path] = at_positions(output)
+
+        return hook
+
+    handles = []
+    for layer, module in enumerate(layers):
+        handles.append(module.register_forward_pre_hook(record_input(layer), with_kwargs=True))
+        handles.append(module.register_forward_hook(record_output(layer)))
+        if spec.residual_sum is not None:
+            handles.append(module.get_submodule(spec.residual_sum).register_forward_pre_hook(record_sum(layer)))
+        for path in spec.mlp_inputs:
+            handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
+    with hooked(handles):
+        run_model(model, input_ids, position_ids)
+    return states

@@ -1,0 +1,259 @@
+"""The chained construction of THEORY.md §5: the exact patch of every layer, from hooks on HF's own forward.
+
+1. One context-ful forward pass records, at the patched position, each layer's input h_C, the outputs of
+   the MLP input matrices o_C = W z_C (+ b) and the block output y_C (`capture.record_context`).
+2. One reduced forward pass walks the layers. In layer l the patched token's input equals h_C (by
+   induction over the layers), and the hooks:
+   - input side: when an MLP input matrix is called with z, set ΔW = u v^T with u = o_C − W z (= W (z_C − z);
+     the bias cancels) and v = z / ||z||^2, and return its patched output, so the MLP sees what it saw with
+     the context;
+   - output side: after the layer ran, read the shift δ = y_C − y' that is left and solve for the output
+     patch (rank-1 on the output matrix, a bias, or a post-norm scale; theory/output_side.py).
+   A reduced input of one token (the query alone, or every position at once as a batch of one-token
+   sequences) is fed h_C directly, since nothing else in its layer depends on the patch. A longer reduced
+   input (a removed span, a multi-token query) re-runs the layer with its output patch on, because the
+   patch also changes the other positions the next layer attends to.
+Nothing here builds a dense matrix: u comes from activations, never from W.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from implicit_icl.errors import ImplicitICLError, safe_squared_norm
+from implicit_icl.hf.capture import (
+    ContextStates,
+    StopForward,
+    first_output,
+    hooked,
+    layers_of,
+    model_device,
+    record_context,
+    run_model,
+    with_hidden_argument,
+)
+from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_length, patch_input
+from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, spec_for
+from implicit_icl.patch import Delta, Patch, delta_hook, hooks_applied
+from implicit_icl.theory import RankOneUpdate, norm_scale_shift, output_rank_one, stable_norm_scale_patch
+
+ARITHMETIC_DTYPES = (torch.float32, torch.float64)
+
+
+def compute_patch(
+    model: PreTrainedModel,
+    context_ids: TokenIds,
+    query_ids: TokenIds,
+    drop: tuple[int, int] | None = None,
+    output: str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Patch:
+    """The exact patch of every layer for the last query token.
+
+    With the patch applied, the model fed the reduced input — the query alone at its original absolute
+    positions (default), or the context without the span drop = (start, end) followed by the query —
+    gives at the last query token the hidden states and logits it gives after the full context.
+    output: "down" (rank-1 on the MLP output matrix), "bias" (a steering vector), "norm" or "stable"
+    (post-norm scale, for families that normalise the MLP output); default: the family's.
+    dtype: the arithmetic dtype of the patch, float32 or float64, whatever the model's dtype.
+    """
+    spec, output = _check_settings(model, output, dtype)
+    inputs = patch_input(model, context_ids, query_ids, drop)
+    device = model_device(model)
+    full = inputs.full.to(device)
+    query_position = full.numel() - 1
+    states = record_context(model, spec, full[None], torch.arange(full.numel(), device=device)[None], [query_position])
+    kept = inputs.kept.to(device)
+    deltas = _chain(
+        model, spec, states, full[kept][None], kept[None], output, dtype, feed_context_inputs=kept.numel() == 1
+    )
+    return _patch(model, spec, deltas, output, dtype, (query_position,), inputs)[0]
+
+
+def every_position_patches(
+    model: PreTrainedModel, input_ids: TokenIds, output: str | None = None, dtype: torch.dtype = torch.float64
+) -> Patch:
+    """Each token's own patch, its context being the tokens before it, from one context-ful forward pass.
+
+    Returns a batched Patch: entry i makes token i alone at position i produce what it produces after
+    tokens 0..i−1 (entry 0 has no context and is zero up to rounding). Apply it with `patch.applied` to
+    the batch of one-token sequences ids[:, None] at positions arange(T)[:, None].
+    """
+    spec, output = _check_settings(model, output, dtype)
+    ids = as_token_ids("input ids", input_ids, model)
+    if ids.numel() == 0:
+        raise ImplicitICLError("the input is empty; give at least one token")
+    check_length(model, ids.numel())
+    device = model_device(model)
+    ids = ids.to(device)
+    positions = torch.arange(ids.numel(), device=device)
+    states = record_context(model, spec, ids[None], positions[None], positions.tolist())
+    deltas = _chain(model, spec, states, ids[:, None], positions[:, None], output, dtype, feed_context_inputs=True)
+    return _patch(model, spec, deltas, output, dtype, tuple(positions.tolist()), None)
+
+
+def _check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dtype) -> tuple[FamilySpec, str]:
+    spec = spec_for(model)
+    if dtype not in ARITHMETIC_DTYPES:
+        raise ImplicitICLError(f"patch arithmetic runs in float32 or float64, not {dtype}; pick one of those")
+    output = output or spec.default_output
+    if output not in OUTPUT_SIDES:
+        raise ImplicitICLError(f"unknown output side {output!r}; choose one of {', '.join(OUTPUT_SIDES)}")
+    family = model.config.model_type
+    if spec.post_mlp_norm is None and output in ("norm", "stable"):
+        raise ImplicitICLError(
+            f"{family} has no norm after its MLP, so there is no norm scale to patch; use output 'down' or 'bias'"
+        )
+    if spec.post_mlp_norm is not None and output in ("down", "bias"):
+        raise ImplicitICLError(
+            f"{family} normalises the MLP output ({spec.post_mlp_norm}), so a shift before that norm cannot add "
+            "the needed residual difference exactly; use output 'norm' or 'stable'"
+        )
+    return spec, output
+
+
+def _patch(model, spec, deltas, output, dtype, positions, inputs: PatchInput | None) -> Patch:
+    return Patch(
+        deltas=deltas,
+        family=model.config.model_type,
+        n_layers=len(layers_of(model, spec)),
+        dtype=dtype,
+        output=output,
+        positions=positions,
+        drop=inputs.drop if inputs else None,
+        batched=True,
+    )
+
+
+@torch.no_grad()
+def _chain(
+    model: PreTrainedModel,
+    spec: FamilySpec,
+    states: ContextStates,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    output: str,
+    dtype: torch.dtype,
+    feed_context_inputs: bool,
+) -> dict[str, Delta]:
+    """One reduced forward pass of input_ids [N, S] that builds every layer's patch (see the module
+    docstring). The patched token is the last of each sequence; deltas come batched over N."""
+    layers = layers_of(model, spec)
+    constructions = [
+        _LayerConstruction(
+            index, layer, spec, states, output, dtype, feed_context_inputs, last=index == len(layers) - 1
+        )
+        for index, layer in enumerate(layers)
+    ]
+    handles = [handle for construction in constructions for handle in construction.register()]
+    with hooked(handles):
+        run_model(model, input_ids, position_ids)
+    return {
+        f"{spec.layers}.{construction.index}.{name}": delta
+        for construction in constructions
+        for name, delta in construction.deltas.items()
+    }
+
+
+class _LayerConstruction:
+    """The hooks that build one layer's patch during the reduced forward pass.
+
+    Deltas are keyed by parameter path inside the layer and batched over the N reduced sequences; the
+    patched token is position −1 of each."""
+
+    def __init__(self, index, layer: nn.Module, spec, states, output, dtype, feed_context_inputs, last):
+        self.index, self.layer, self.spec, self.states = index, layer, spec, states
+        self.output, self.dtype, self.feed_context_inputs, self.last = output, dtype, feed_context_inputs, last
+        self.deltas: dict[str, Delta] = {}
+        self.seen: dict[str, Tensor] = {}  # the reduced run's values at the patched token
+        self.rerunning = False
+
+    def register(self) -> list:
+        layer, spec = self.layer, self.spec
+        handles = [
+            layer.register_forward_pre_hook(self._feed_input, with_kwargs=True),
+            layer.register_forward_hook(self._solve_output_side, with_kwargs=True),
+            layer.get_submodule(spec.mlp_output).register_forward_hook(self._record("inner", "mlp_output")),
+        ]
+        handles += [layer.get_submodule(path).register_forward_hook(self._input_side(path)) for path in spec.mlp_inputs]
+        if spec.post_mlp_norm is not None:
+            norm = layer.get_submodule(spec.post_mlp_norm)
+            handles.append(norm.register_forward_hook(self._record("norm_input", None)))
+        if spec.residual_sum is not None:
+            summed = layer.get_submodule(spec.residual_sum)
+            handles.append(summed.register_forward_hook(self._record("residual_sum", None)))
+        return handles
+
+    def _query(self, tensor: Tensor) -> Tensor:
+        return tensor[:, -1].to(self.dtype)
+
+    def _feed_input(self, module, args, kwargs):
+        """A one-token reduced input gets the context-ful layer input (the induction hypothesis)."""
+        if self.feed_context_inputs:
+            return with_hidden_argument(args, kwargs, self.states.layer_inputs[self.index][:, None])
+        return None
+
+    def _record(self, input_key: str, output_key: str | None):
+        def hook(module, args, output):
+            if not self.rerunning:
+                self.seen[input_key] = self._query(args[0])
+                if output_key is not None:
+                    self.seen[output_key] = self._query(output)
+
+        return hook
+
+    def _input_side(self, path: str):
+        """ΔW = (o_C − W z) z^T / ||z||^2 on an MLP input matrix, then its patched output."""
+        name = f"{path}.weight"
+
+        def hook(module, args, output):
+            if name not in self.deltas:
+                z = self._query(args[0])
+                try:
+                    squared = safe_squared_norm("the MLP input z without context", z)
+                except ImplicitICLError as error:
+                    raise ImplicitICLError(f"layer {self.index}, {path}: {error}") from None
+                context_output = self.states.mlp_input_outputs[self.index][path].to(self.dtype)
+                self.deltas[name] = RankOneUpdate(context_output - self._query(output), z / squared[:, None])
+            return delta_hook({"weight": self.deltas[name]}, batched=True)(module, args, output)
+
+        return hook
+
+    def _solve_output_side(self, module, args, kwargs, output):
+        """After the input-side-patched layer ran: patch the output side to add δ = y_C − y'."""
+        if self.rerunning:
+            return None
+        reduced_sum = self.seen["residual_sum"] if self.spec.residual_sum else self._query(first_output(output))
+        shift = self.states.residual_sums[self.index].to(self.dtype) - reduced_sum
+        try:
+            output_deltas = self._output_side(shift)
+        except ImplicitICLError as error:
+            raise ImplicitICLError(f"layer {self.index}, {self.spec.mlp_output}: {error}") from None
+        self.deltas.update(output_deltas)
+        if self.feed_context_inputs:
+            if self.last:
+                raise StopForward
+            return None  # the next layer is fed its context-ful input anyway
+        self.rerunning = True
+        try:
+            with hooks_applied(module, output_deltas, batched=True):
+                return module(*args, **kwargs)
+        finally:
+            self.rerunning = False
+
+    def _output_side(self, shift: Tensor) -> dict[str, Delta]:
+        spec, inner = self.spec, self.seen["inner"]
+        if self.output == "down":
+            return {f"{spec.mlp_output}.weight": output_rank_one(shift, inner)}
+        if self.output == "bias":
+            return {f"{spec.mlp_output}.bias": shift}
+        norm = self.layer.get_submodule(spec.post_mlp_norm)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        mlp_output = self.seen["norm_input"]
+        if self.output == "norm":
+            return {f"{spec.post_mlp_norm}.weight": norm_scale_shift(shift, mlp_output, eps)}
+        scale = norm.weight.to(self.dtype) + spec.norm_offset
+        down, scale_shift = stable_norm_scale_patch(shift, mlp_output, inner, scale, eps)
+        return {f"{spec.mlp_output}.weight": down, f"{spec.post_mlp_norm}.weight": scale_shift}
