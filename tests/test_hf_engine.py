@@ -1,0 +1,106 @@
+"""The flagship property, per family: the patched model without the context reproduces the model with it.
+
+Every family with a spec is tested on its tiny random zoo models (GQA, odd widths, tied and untied
+embeddings), at the logits and at every layer's output, with the unpatched difference as a guard that
+the context mattered and the patched path really ran.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from implicit_icl.hf import SPECS, compute_patch, every_position_patches, verify_every_position, verify_patch
+from implicit_icl.hf.zoo import VOCAB_SIZE, ZOO_CASES, tiny_model
+
+CASES = [(family, variant) for family, variant in ZOO_CASES if family in SPECS]
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _ids(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB_SIZE, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_exact(verification, dtype):
+    tolerance = TOLERANCE[dtype]
+    assert verification.max_abs_logit_diff <= tolerance, verification
+    assert max(verification.layer_max_abs_diffs) <= tolerance, verification
+    assert verification.top1_match
+    # The guard: without the patch the context visibly matters, so a patch that does nothing would fail.
+    assert verification.baseline_max_abs_logit_diff > 1e-3, verification
+
+
+@pytest.mark.parametrize(("family", "variant"), CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), context_length=st.integers(1, 64))
+def test_query_alone_reproduces_the_context(family, variant, dtype, seed, context_length):
+    model = tiny_model(family, variant=variant, seed=seed % 3, dtype=dtype)
+    ids = _ids(context_length + 1, seed)
+    patch = compute_patch(model, ids[:-1], ids[-1:], dtype=dtype)
+    assert patch.dtype == dtype and patch.positions == (context_length,)
+    _assert_exact(verify_patch(model, ids[:-1], ids[-1:], patch), dtype)
+
+
+@pytest.mark.parametrize(("family", "variant"), CASES)
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16), data=st.data())
+def test_removing_a_span_is_a_true_weight_patch(family, variant, seed, data):
+    context_length = data.draw(st.integers(2, 40))
+    start = data.draw(st.integers(0, context_length - 1))
+    end = data.draw(st.integers(start + 1, context_length))
+    query_length = data.draw(st.integers(1, 3))
+    model = tiny_model(family, variant=variant, seed=seed % 3)
+    ids = _ids(context_length + query_length, seed)
+    context, query = ids[:context_length], ids[context_length:]
+    for output in ("down", "bias"):
+        patch = compute_patch(model, context, query, drop=(start, end), output=output)
+        verification = verify_patch(model, context, query, patch)
+        assert verification.max_abs_logit_diff <= 1e-9 and max(verification.layer_max_abs_diffs) <= 1e-9
+
+
+@pytest.mark.parametrize(("family", "variant"), CASES)
+def test_a_multi_token_query_alone(family, variant):
+    model = tiny_model(family, variant=variant, seed=1)
+    ids = _ids(24, 7)
+    patch = compute_patch(model, ids[:20], ids[20:], output="bias")
+    _assert_exact(verify_patch(model, ids[:20], ids[20:], patch), torch.float64)
+
+
+@pytest.mark.parametrize(("family", "variant"), CASES)
+def test_every_position_from_one_forward_pass(family, variant):
+    model = tiny_model(family, variant=variant, seed=2)
+    ids = _ids(48, 3)
+    patches = every_position_patches(model, ids)
+    assert len(patches) == 48 and patches.batched
+    _assert_exact(verify_every_position(model, ids, patches), torch.float64)
+    # Entry i is the query-alone patch of token i after tokens 0..i-1: the same deltas.
+    single = compute_patch(model, ids[:30], ids[30:31])
+    for name, delta in single.deltas.items():
+        expected = delta.dense() if hasattr(delta, "dense") else delta
+        actual = patches[30].deltas[name]
+        torch.testing.assert_close(actual.dense() if hasattr(actual, "dense") else actual, expected)
+
+
+def test_patched_weights_reproduce_the_context_through_hf_forward():
+    """Independent of our hooks: plain HF calls, the patch added to the weights."""
+    model = tiny_model("llama", seed=4)
+    ids = _ids(33, 4)
+    patch = compute_patch(model, ids[:-1], ids[-1:])
+    with torch.no_grad():
+        expected = model(ids[None]).logits[0, -1]
+        with patch.applied(model, via="weights"):
+            patched = model(ids[-1:][None], position_ids=torch.tensor([[32]])).logits[0, -1]
+        unpatched = model(ids[-1:][None], position_ids=torch.tensor([[32]])).logits[0, -1]
+    assert (patched - expected).abs().max() < 1e-10
+    assert (unpatched - expected).abs().max() > 1e-2
+
+
+def test_bfloat16_model_with_float32_arithmetic():
+    model = tiny_model("llama", seed=0, dtype=torch.bfloat16)
+    ids = _ids(20, 0)
+    patch = compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32)
+    verification = verify_patch(model, ids[:-1], ids[-1:], patch)
+    assert patch.dtype == torch.float32
+    # bfloat16 rounds at about 1e-2 relative; the context moves the logits by far more.
+    assert verification.max_abs_logit_diff < 0.1 * verification.baseline_max_abs_logit_diff

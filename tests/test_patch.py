@@ -1,0 +1,119 @@
+"""The Patch object: applied and removed bit for bit, the same through weights and hooks, saved and loaded."""
+
+import hashlib
+
+import pytest
+import torch
+
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf import compute_patch, every_position_patches, verify_patch
+from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.patch import Patch
+from implicit_icl.theory import RankOneUpdate
+
+IDS = torch.randint(0, VOCAB_SIZE, (25,), generator=torch.Generator().manual_seed(0))
+CONTEXT, QUERY = IDS[:-1], IDS[-1:]
+
+
+def _state_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _query_logits(model, position=24):
+    with torch.no_grad():
+        return model(QUERY[None], position_ids=torch.tensor([[position]])).logits[0, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("output", ["down", "bias"])
+def test_weights_restored_bit_for_bit_on_exit_and_on_exception(dtype, output):
+    model = tiny_model("llama", seed=1, dtype=dtype)  # bias-free MLP: the bias patch creates a bias
+    patch = compute_patch(model, CONTEXT, QUERY, output=output, dtype=torch.float32)
+    before = _state_hash(model)
+    with patch.applied(model):
+        assert _state_hash(model) != before
+    assert _state_hash(model) == before
+    with pytest.raises(RuntimeError, match="inside"), patch.applied(model):
+        raise RuntimeError("raised inside the patched block")
+    assert _state_hash(model) == before
+    assert all(layer.mlp.down_proj.bias is None for layer in model.model.layers)
+
+
+def test_conv1d_weights_and_hooks_agree():
+    """GPT-2 stores [in, out]: the in-place path transposes the factors, the hook path never sees W."""
+    model = tiny_model("gpt2", seed=2)
+    patch = compute_patch(model, CONTEXT, QUERY)
+    assert patch.deltas["transformer.h.0.mlp.c_fc.weight"].shape == (50, 36)  # nn.Linear orientation
+    with patch.applied(model, via="weights"):
+        through_weights = _query_logits(model)
+    with patch.applied(model, via="hooks"):
+        through_hooks = _query_logits(model)
+    torch.testing.assert_close(through_weights, through_hooks, rtol=0, atol=1e-12)
+    assert (through_weights - _query_logits(model)).abs().max() > 1e-2
+
+
+def test_dense_delta_matches_the_factors_and_the_summary():
+    model = tiny_model("llama", seed=0)
+    patch = compute_patch(model, CONTEXT, QUERY)
+    rows = patch.summary()
+    assert [row["layer"] for row in rows] == [0, 0, 0, 1, 1, 1]
+    assert {row["kind"] for row in rows} == {"rank-1"}
+    for row in rows:
+        delta = patch.deltas[row["parameter"]]
+        dense = delta.dense()
+        assert torch.linalg.matrix_rank(dense) == 1
+        assert row["norm"] == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-12)
+    assert patch.modules == [row["parameter"].removesuffix(".weight") for row in rows]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model("llama", variant="tied", seed=3)  # MLP biases exist here
+    patch = compute_patch(model, CONTEXT, QUERY, drop=(2, 9), output="bias")
+    patch.save(tmp_path / "patch")
+    loaded = Patch.load(tmp_path / "patch")
+    assert sorted(p.name for p in (tmp_path / "patch").iterdir()) == ["patch.json", "patch.safetensors"]
+    assert (loaded.family, loaded.n_layers, loaded.dtype, loaded.output, loaded.positions, loaded.drop) == (
+        "llama",
+        3,
+        torch.float64,
+        "bias",
+        (24,),
+        (2, 9),
+    )
+    for name, delta in patch.deltas.items():
+        other = loaded.deltas[name]
+        if isinstance(delta, RankOneUpdate):
+            assert torch.equal(delta.u, other.u) and torch.equal(delta.v, other.v)
+        else:
+            assert torch.equal(delta, other)
+    assert verify_patch(model, CONTEXT, QUERY, loaded).max_abs_logit_diff < 1e-9
+
+
+def test_loading_checks_the_patch_fits_the_model(tmp_path):
+    patch = compute_patch(tiny_model("llama", seed=0), CONTEXT, QUERY)
+    with pytest.raises(ImplicitICLError, match="computed for a 'llama' model, not 'gpt2'"):
+        with patch.applied(tiny_model("gpt2")):
+            pass
+    deeper = compute_patch(tiny_model("llama", variant="tied"), CONTEXT, QUERY)
+    with pytest.raises(ImplicitICLError, match="no module model.layers.2"):
+        with deeper.applied(tiny_model("llama")):
+            pass
+    with pytest.raises(ImplicitICLError, match="holds no saved patch"):
+        Patch.load(tmp_path)
+
+
+def test_batched_patches_go_through_hooks_only():
+    model = tiny_model("qwen2", seed=1)
+    patches = every_position_patches(model, IDS)
+    with pytest.raises(ImplicitICLError, match="batched"):
+        with patches.applied(model, via="weights"):
+            pass
+    with pytest.raises(ImplicitICLError, match="not batched"):
+        patches[3][0]
+    with patches[24].applied(model):  # one entry is an ordinary patch, added to the weights
+        single = _query_logits(model)
+    torch.testing.assert_close(single, model(IDS[None]).logits[0, -1].detach(), rtol=0, atol=1e-9)
