@@ -1,0 +1,25 @@
+"""Files appear whole or not at all: write to a temporary file in the same folder, then os.replace."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(temporary_path), then move it onto `path`; the temporary file never outlives an error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return path

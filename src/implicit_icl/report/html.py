@@ -1,0 +1,57 @@
+"""A static index.html: a title, a table of headline numbers, and figures with captions."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from implicit_icl.report.atomic import write_atomically
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """A figure file (relative to the report folder) and a caption saying what it shows."""
+
+    file: str
+    caption: str
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return write_atomically(path, lambda temporary: temporary.write_text(json.dumps(data, indent=1) + "\n"))
+
+
+def write_report(
+    directory: Path, title: str, intro: str, summary: dict[str, object], figures: list[ReportFigure]
+) -> Path:
+    """Write directory/index.html showing `summary` as a table and every figure with its caption."""
+    rows = "\n".join(
+        f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(_format(value))}</td></tr>"
+        for key, value in summary.items()
+    )
+    blocks = "\n".join(
+        f'<figure><img src="{html.escape(figure.file)}" alt="{html.escape(figure.caption)}">'
+        f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
+        for figure in figures
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }}
+table {{ border-collapse: collapse; }} td {{ border-bottom: 1px solid #ddd; padding: 0.2rem 0.8rem; }}
+figure {{ margin: 2rem 0; }} img {{ max-width: 100%; }} figcaption {{ color: #333; font-size: 0.95rem; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{html.escape(intro)}</p>
+<table>{rows}</table>
+{blocks}
+</body></html>
+"""
+    return write_atomically(Path(directory) / "index.html", lambda temporary: temporary.write_text(page))
+
+
+def _format(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
+    return str(value)

@@ -1,0 +1,119 @@
+"""The measurements of EXPERIMENTS.md §2 on a toy model, batched over prompts.
+
+(a) `patch_agreement`: prediction with the prompt vs the query alone through W + ΔW, per checkpoint;
+(b) `increment_norms_by_token`: ||ΔW_{i+1} − ΔW_i|| as the context is consumed token by token;
+(c, d) live in `finetune.py`; the error-vs-k curves against the baselines in `error_curves`.
+All "prefix" quantities use A(c_1..c_i, x): the block run on the first i examples followed by the query.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from implicit_icl.block import BlockStates, ContextualBlock
+from implicit_icl.theory import ImplicitUpdate, gradient_descent_errors, increment_norms, prefix_updates
+from implicit_icl.toy.baselines import all_baselines
+from implicit_icl.toy.data import Prompts
+from implicit_icl.toy.model import ToyTransformer
+from implicit_icl.toy.statistics import bootstrap
+
+
+@torch.no_grad()
+def predictions_by_k(model: ToyTransformer, prompts: Prompts) -> Tensor:
+    """The model's prediction of y_q after its first k examples, k = 0..N: [B, N+1]."""
+    return torch.stack([model.predict(prompts.tokens(k)) for k in range(prompts.context_length + 1)], dim=1)
+
+
+@torch.no_grad()
+def error_curves(model: ToyTransformer, prompts: Prompts, noise: float, generator: torch.Generator) -> dict:
+    """Squared error of y_q divided by d, over k = 0..N, for the model and every baseline."""
+    squared = {"model": (predictions_by_k(model, prompts) - prompts.query_label[:, None]).pow(2)}
+    for name, estimator in all_baselines(noise).items():
+        columns = [
+            estimator(prompts.inputs[:, :k], prompts.labels[:, :k], prompts.query)
+            for k in range(prompts.context_length + 1)
+        ]
+        squared[name] = (torch.stack(columns, dim=1) - prompts.query_label[:, None]).pow(2)
+    return {name: bootstrap(errors / prompts.dim, generator) for name, errors in squared.items()}
+
+
+@torch.no_grad()
+def patch_agreement(model: ToyTransformer, prompts: Prompts) -> dict:
+    """One checkpoint: losses with the prompt, through W + ΔW on the query alone, and unpatched alone.
+
+    Run it on a float64 model and prompts for the exactness numbers. Relative difference: the largest
+    |patched − with prompt| over prompts divided by the largest |with prompt|.
+    """
+    tokens, query = prompts.tokens(), prompts.query_token()
+    with_prompt = model.predict(tokens)
+    patched = model.predict_patched(query, model.implicit_updates(tokens))
+    alone = model.predict(query[:, None])
+    difference = (patched - with_prompt).abs().max()
+    target = prompts.query_label
+    return {
+        "loss_with_prompt": (with_prompt - target).pow(2).mean().item(),
+        "loss_patched": (patched - target).pow(2).mean().item(),
+        "loss_query_alone_unpatched": (alone - target).pow(2).mean().item(),
+        "max_abs_diff": difference.item(),
+        "max_rel_diff": (difference / with_prompt.abs().max()).item(),
+    }
+
+
+@torch.no_grad()
+def rank_one_sigma_ratio(model: ToyTransformer, prompts: Prompts) -> float:
+    """Largest σ2/σ1 of the dense ΔW of every block over the prompts (0 for an exact rank-1 update)."""
+    ratios = []
+    for update in model.implicit_updates(prompts.tokens()):
+        singular = torch.linalg.svdvals(update.weight.dense())  # [B, min(out, in)]
+        ratios.append((singular[:, 1] / singular[:, 0]).max())
+    return torch.stack(ratios).max().item()
+
+
+@torch.no_grad()
+def prefix_states(block: ContextualBlock, prompts: Prompts) -> tuple[BlockStates, BlockStates]:
+    """The block's states at the query after the first i examples, i = 1..N ([B, N, ·]), and with the
+    query alone ([B, ·])."""
+    with_prefix = [block.states(prompts.tokens(i)) for i in range(1, prompts.context_length + 1)]
+    alone = block.states(prompts.query_token()[:, None])
+    mlp_inputs = torch.stack([states.mlp_input[:, -1] for states in with_prefix], dim=1)
+    if alone.residual is None:
+        return BlockStates(None, mlp_inputs), BlockStates(None, alone.mlp_input[:, -1])
+    residuals = torch.stack([states.residual[:, -1] for states in with_prefix], dim=1)
+    return BlockStates(residuals, mlp_inputs), BlockStates(alone.residual[:, -1], alone.mlp_input[:, -1])
+
+
+@torch.no_grad()
+def prefix_update(block: ContextualBlock, prompts: Prompts) -> ImplicitUpdate:
+    """ΔW_i (and for a skip block the output shift) of the first i examples, i = 1..N: factors [B, N, ·],
+    built by the library's `prefix_updates` from the MLP inputs with prefixes and alone."""
+    with_prefix, alone = prefix_states(block, prompts)
+    weight = prefix_updates(block.first_layer.weight, with_prefix.mlp_input, alone.mlp_input)
+    if alone.residual is None:
+        return ImplicitUpdate(weight)
+    return ImplicitUpdate(weight, with_prefix.residual - alone.residual[:, None])
+
+
+@torch.no_grad()
+def patched_prefix_predictions(block: ContextualBlock, prompts: Prompts, update: ImplicitUpdate) -> Tensor:
+    """T_{W+ΔW_i}(x_q) for i = 1..N, the query alone under each prefix update: [B, N]."""
+    lone_query = prompts.query_token()[:, None, None].expand(-1, prompts.context_length, 1, -1)
+    return block(lone_query, update)[..., 0, -1]
+
+
+def increment_norms_by_token(block: ContextualBlock, prompts: Prompts) -> Tensor:
+    """||W_{i+1} − W_i||_F for i = 0..N−1 (entry 0 is ||ΔW_1||): [B, N]."""
+    return increment_norms(prefix_update(block, prompts).weight)
+
+
+@torch.no_grad()
+def gd_identity_error(block: ContextualBlock, prompts: Prompts) -> float:
+    """Max error of the Proposition W_{i+1} = W_i − h ∇L_i(W_i) over a few prompts (dense; keep B small)."""
+    with_prefix, alone = prefix_states(block, prompts)
+    weight = block.first_layer.weight
+    with torch.enable_grad():
+        errors = [
+            gradient_descent_errors(weight, with_prefix.mlp_input[b], alone.mlp_input[b]).max()
+            for b in range(prompts.size)
+        ]
+    return torch.stack(errors).max().item()

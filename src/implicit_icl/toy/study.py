@@ -1,0 +1,125 @@
+"""The whole reproduction: the measurements of `experiments` and `finetune` on a trained toy model,
+turned into figures, index.html and metrics.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from implicit_icl.theory import increment_norms
+from implicit_icl.toy import experiments
+from implicit_icl.toy.data import Prompts, sample_prompts
+from implicit_icl.toy.finetune import choose_step_size, finetune
+from implicit_icl.toy.model import ToyTransformer
+from implicit_icl.toy.statistics import Estimate, bootstrap
+from implicit_icl.toy.train import TrainedModel
+
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """How many prompts each measurement uses, and the SGD step-size grid of experiment (c)."""
+
+    n_test_prompts: int = 1000  # every curve point: error vs k, agreement, increments, fine-tuning, alignment
+    n_held_out_prompts: int = 256  # separate tasks, only to pick the SGD step size
+    n_gd_identity_prompts: int = 8  # the GD identity check builds dense matrices
+    n_rank_prompts: int = 256
+    step_size_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TestSets:
+    test: Prompts
+    held_out: Prompts  # only for choosing the SGD step size
+    shuffled: Prompts  # the test prompts with labels permuted within each prompt
+
+
+def test_sets(trained: TrainedModel, study: StudyConfig) -> TestSets:
+    """Prompts from a generator seeded apart from training's, so no training task is reused."""
+    config = trained.config
+    generator = torch.Generator().manual_seed(10_000 + study.seed)
+
+    def sample(n: int) -> Prompts:
+        return sample_prompts(n, config.dim, config.context_length, config.noise, generator)
+
+    test, held_out = sample(study.n_test_prompts), sample(study.n_held_out_prompts)
+    return TestSets(test, held_out, test.shuffled_labels(generator))
+
+
+def checkpoint_agreement(trained: TrainedModel, prompts: Prompts) -> list[dict]:
+    """Experiment (a) at every checkpoint, in float64 (with the float32 relative difference for scale)."""
+    rows = []
+    for step in trained.checkpoints:
+        row = experiments.patch_agreement(trained.model_at(step, F64), prompts.to(F64))
+        float32 = experiments.patch_agreement(trained.model_at(step), prompts)
+        rows.append({"step": step, **row, "float32_max_rel_diff": float32["max_rel_diff"]})
+    return rows
+
+
+def exactness(trained: TrainedModel, sets: TestSets, study: StudyConfig) -> dict:
+    """Rank of ΔW and the gradient-descent identity on the final model, in float64."""
+    model = trained.final(F64)
+    test = sets.test.to(F64)
+    return {
+        "rank1_sigma_ratio_max": experiments.rank_one_sigma_ratio(model, test.subset(slice(study.n_rank_prompts))),
+        "gd_identity_max_abs_error": experiments.gd_identity_error(
+            model.first_block(), test.subset(slice(study.n_gd_identity_prompts))
+        ),
+        "gd_identity_prompts": min(study.n_gd_identity_prompts, test.size),
+    }
+
+
+def dynamics(model: ToyTransformer, untrained: ToyTransformer, sets: TestSets, study: StudyConfig) -> dict:
+    """Experiments (b)-(d), each next to its negative controls: the untrained model, shuffled labels.
+
+    The SGD step size of each model is chosen on the held-out tasks (`choose_step_size`); the shuffled
+    control reuses the trained model's.
+    """
+    generator = torch.Generator().manual_seed(study.seed)
+    grid = list(study.step_size_grid)
+    chosen = {
+        name: choose_step_size(m.first_block(), sets.held_out, grid)
+        for name, m in [("trained", model), ("untrained", untrained)]
+    }
+    conditions = [
+        ("trained", model, sets.test, "trained"),
+        ("untrained", untrained, sets.test, "untrained"),
+        ("shuffled labels", model, sets.shuffled, "trained"),
+    ]
+    result: dict = {
+        "step_size": {name: eta for name, (eta, _) in chosen.items()},
+        "step_size_scores": {name: scores for name, (_, scores) in chosen.items()},
+    }
+    result |= {"increments": {}, "alignment": {}}
+    for name, m, prompts, step_from in conditions:
+        block = m.first_block()
+        update = experiments.prefix_update(block, prompts)
+        run = finetune(block, prompts, chosen[step_from][0], update.weight)
+        result["increments"][name] = bootstrap(increment_norms(update.weight), generator)
+        result["alignment"][name] = bootstrap(run.alignment, generator)
+        if name == "trained":
+            implicit = experiments.patched_prefix_predictions(block, prompts, update)
+            result["implicit_loss"] = bootstrap((implicit - prompts.query_label[:, None]).pow(2), generator)
+            result["finetune_loss"] = bootstrap(run.test_loss, generator)
+    return result
+
+
+def error_curves(trained: TrainedModel, sets: TestSets, study: StudyConfig) -> dict[str, Estimate]:
+    generator = torch.Generator().manual_seed(study.seed)
+    return experiments.error_curves(trained.final(), sets.test, trained.config.noise, generator)
+
+
+def learning_checks(curves: dict[str, Estimate]) -> dict:
+    """The honesty checks of EXPERIMENTS.md §4 at k = N, and the model's largest margin under least squares
+    over k (positive would mean it beats the Bayes-optimal estimator: a leak)."""
+    model, least_squares = curves["model"].mean, curves["least squares"].mean
+    return {
+        "model_error_over_d_at_N": model[-1].item(),
+        "averaging_error_over_d_at_N": curves["averaging"].mean[-1].item(),
+        "least_squares_error_over_d_at_N": least_squares[-1].item(),
+        "zero_error_over_d_at_N": curves["zero"].mean[-1].item(),
+        "model_below_least_squares_max": (least_squares - model).max().item(),
+    }

@@ -1,0 +1,135 @@
+"""Training the toy transformer with Adam on fresh prompts, seeded, with checkpoints on the way.
+
+Each step draws new tasks. Each prompt is seen with a random number k ∈ 1..N of examples: its query token
+replaces example k+1 and the prediction is read there; the causal mask hides every later token, so one
+[B, N+1] batch trains all context lengths without padding and without exposing y_q.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.toy.data import Prompts, sample_prompts
+from implicit_icl.toy.model import ToyConfig, ToyTransformer, build_model
+from implicit_icl.toy.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    n_checkpoints: int = 10  # besides step 0, evenly spaced up to the last step
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.n_checkpoints < 1 or self.learning_rate <= 0:
+            raise ImplicitICLError(f"TrainConfig needs positive steps, batch, checkpoints and rate, got {self}")
+
+    def checkpoint_steps(self) -> list[int]:
+        count = min(self.n_checkpoints, self.steps)
+        return [0] + [round(self.steps * (i + 1) / count) for i in range(count)]
+
+
+@dataclass
+class TrainedModel:
+    """A model, its checkpoints (state dicts by step, step 0 = initialisation) and its training loss."""
+
+    config: ToyConfig
+    train: TrainConfig
+    checkpoints: dict[int, dict[str, Tensor]]
+    train_loss: list[float] = field(default_factory=list)
+
+    def model_at(self, step: int, dtype: torch.dtype = torch.float32) -> ToyTransformer:
+        model = ToyTransformer(self.config)
+        model.load_state_dict(self.checkpoints[step])
+        return model.to(dtype).eval()
+
+    def final(self, dtype: torch.dtype = torch.float32) -> ToyTransformer:
+        return self.model_at(max(self.checkpoints), dtype)
+
+
+def training_batch(prompts: Prompts, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Tokens [B, N+1, d+1] with the query at a random position k ∈ 1..N, and those positions [B]."""
+    tokens = torch.cat([prompts.example_tokens(), prompts.query_token()[:, None]], dim=1)
+    positions = torch.randint(1, prompts.context_length + 1, (prompts.size,), generator=generator)
+    tokens[torch.arange(prompts.size), positions] = prompts.query_token()
+    return tokens, positions
+
+
+def train_model(config: ToyConfig, train: TrainConfig) -> TrainedModel:
+    """Adam on the squared error of y_q; deterministic for a given (config, train) on one machine."""
+    model = build_model(config, train.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
+    generator = torch.Generator().manual_seed(train.seed)
+    keep = set(train.checkpoint_steps())
+    result = TrainedModel(config, train, {0: _snapshot(model)})
+    with progress_bar() as bar:
+        task = bar.add_task("training the toy model", total=train.steps)
+        for step in range(1, train.steps + 1):
+            prompts = sample_prompts(train.batch_size, config.dim, config.context_length, config.noise, generator)
+            tokens, positions = training_batch(prompts, generator)
+            predictions = model(tokens).gather(1, positions[:, None]).squeeze(1)
+            loss = (predictions - prompts.query_label).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.train_loss.append(loss.item())
+            if step in keep:
+                result.checkpoints[step] = _snapshot(model)
+            bar.advance(task)
+    return result
+
+
+def _snapshot(model: ToyTransformer) -> dict[str, Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def save_trained(trained: TrainedModel, path: Path, command: str = "") -> None:
+    """Every checkpoint in one safetensors file (atomically written); configs and loss in its metadata."""
+    tensors = {
+        f"step{step}.{name}": t.contiguous() for step, sd in trained.checkpoints.items() for name, t in sd.items()
+    }
+    metadata = {
+        "config": json.dumps(trained.config.to_dict()),
+        "train": json.dumps(asdict(trained.train)),
+        "train_loss": json.dumps([round(x, 6) for x in trained.train_loss]),
+        "command": command,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_trained(path: Path) -> TrainedModel:
+    if not Path(path).is_file():
+        raise ImplicitICLError(f"no checkpoint file at {path}; train one with scripts/train_toy.py")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    checkpoints: dict[int, dict[str, Tensor]] = {}
+    for key, tensor in load_file(str(path)).items():
+        step, name = key.split(".", 1)
+        checkpoints.setdefault(int(step.removeprefix("step")), {})[name] = tensor
+    return TrainedModel(
+        ToyConfig(**json.loads(metadata["config"])),
+        TrainConfig(**json.loads(metadata["train"])),
+        dict(sorted(checkpoints.items())),
+        json.loads(metadata["train_loss"]),
+    )
