@@ -209,10 +209,9 @@ def _parameter_shape(model: nn.Module, name: str) -> tuple[int, ...]:
 
 
 def _offloaded(model: nn.Module, deltas: dict[str, Delta]) -> bool:
-    """Whether accelerate keeps any patched parameter off its module (disk or CPU offload: meta tensors)."""
-    return any(
-        (parameter := getattr(*_owner(model, name))) is not None and parameter.device.type == "meta" for name in deltas
-    )
+    """Whether accelerate keeps the weights of a patched module elsewhere (disk or CPU offload: meta tensors)."""
+    modules = (_owner(model, name)[0] for name in deltas)
+    return any(parameter.device.type == "meta" for module in modules for parameter in module.parameters(recurse=False))
 
 
 @contextmanager
@@ -276,12 +275,22 @@ def delta_hook(deltas: dict[str, Delta], batched: bool):
                 output = output + (x * v).sum(-1, keepdim=True) * u
             elif attribute == "bias":
                 output = output + per_sequence(delta, output)
-            else:  # a norm scale: the module's output is linear in it, so recompute with the shifted scale
+            else:  # a norm scale: recompute the norm with the shifted scale
                 scale = getattr(module, attribute) + per_sequence(delta, output)
-                output = torch.func.functional_call(module, {attribute: scale}, args)
+                output = _forward_with(module, attribute, scale, args)
         return output
 
     return hook
+
+
+def _forward_with(module: nn.Module, attribute: str, value: Tensor, args: tuple) -> Tensor:
+    """The module's own forward, bypassing its hooks (this runs inside one), with a parameter replaced."""
+    saved = module._parameters[attribute]
+    module._parameters[attribute] = value
+    try:
+        return module.forward(*args)
+    finally:
+        module._parameters[attribute] = saved
 
 
 def _atomic_write(path: Path, write) -> None:
