@@ -116,7 +116,7 @@ class Patch:
                 f"this patch was computed for a {self.family!r} model, not {family!r}; compute it for this model"
             )
         for name, delta in self.deltas.items():
-            expected, actual = _delta_shape(delta), _parameter_shape(model, name)
+            expected, actual = _delta_shape(delta, self.batched), _parameter_shape(model, name)
             if expected != actual:
                 raise ImplicitICLError(
                     f"patch delta {name} has shape {expected} but the model's parameter has {actual}; "
@@ -193,9 +193,13 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return module, attribute
 
 
-def _delta_shape(delta: Delta) -> tuple[int, ...]:
-    """The parameter shape a delta is added to, in nn.Linear orientation, without the batch dimension."""
-    return delta.shape if isinstance(delta, RankOneUpdate) else tuple(delta.shape[-1:])
+def _delta_shape(delta: Delta, batched: bool) -> tuple[int, ...]:
+    """The parameter shape a delta is added to, in nn.Linear orientation, without the batch dimension.
+
+    A rank-1 delta on stacked matrices (fused experts [E, out, in]) has factors [E, out] and [E, in]."""
+    if isinstance(delta, RankOneUpdate):
+        return (*delta.u.shape[int(batched) : -1], *delta.shape)
+    return tuple(delta.shape[int(batched) :])
 
 
 def _parameter_shape(model: nn.Module, name: str) -> tuple[int, ...]:
@@ -227,7 +231,12 @@ def _weights_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) 
                     setattr(module, attribute, nn.Parameter(delta.to(module.weight), requires_grad=False))
                 elif isinstance(delta, RankOneUpdate):
                     u, v = delta.u.to(parameter), delta.v.to(parameter)
-                    parameter.addr_(*((v, u) if isinstance(module, Conv1D) else (u, v)))
+                    if isinstance(module, Conv1D):
+                        parameter.addr_(v, u)
+                    elif parameter.dim() == 3:  # stacked experts [E, out, in]: one outer product each
+                        parameter.baddbmm_(u.unsqueeze(-1), v.unsqueeze(-2))
+                    else:
+                        parameter.addr_(u, v)
                 else:
                     parameter.add_(delta.to(parameter))
         yield
@@ -270,9 +279,16 @@ def delta_hook(deltas: dict[str, Delta], batched: bool):
     def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         (x,) = args[:1]
         for attribute, delta in deltas.items():
-            if isinstance(delta, RankOneUpdate):
+            if isinstance(delta, RankOneUpdate) and isinstance(module, nn.Linear | Conv1D):
                 u, v = per_sequence(delta.u, output), per_sequence(delta.v, output)
                 output = output + (x * v).sum(-1, keepdim=True) * u
+            elif isinstance(delta, RankOneUpdate):  # not linear in its input (a router, fused experts)
+                if batched:
+                    raise ImplicitICLError(
+                        f"a batched patch cannot act on {type(module).__name__} through hooks; apply its entries one by one"
+                    )
+                weight = getattr(module, attribute)
+                output = _forward_with(module, attribute, weight + delta.dense().to(weight), args)
             elif attribute == "bias":
                 output = output + per_sequence(delta, output)
             else:  # a norm scale: recompute the norm with the shifted scale
