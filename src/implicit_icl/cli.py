@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -41,14 +42,32 @@ def fail(error: Exception) -> None:
 
 @app.command()
 def demo(
-    seed: int = typer.Option(0, help="seed of the random block and sequence"),
+    out: Path = typer.Option(Path("out/demo"), help="folder for index.html and the figures"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Remove a context by an exact rank-1 weight update and check the identity."""
-    from implicit_icl.demo import random_block_check
+    """The seed paper's toy model (shipped checkpoint): its context as an exact rank-1 patch, in seconds."""
+    from implicit_icl.toy.reproduce import demo as run_demo
 
     try:
-        result = random_block_check(seed)
+        summary = run_demo(out)
     except ImplicitICLError as error:
         fail(error)
-    emit(result, as_json, "context removed by a rank-1 update (float64, random pre-LayerNorm block)")
+    emit(summary, as_json, f"toy in-context regression: prompt vs W + ΔW on the query alone — {out / 'index.html'}")
+
+
+@app.command()
+def reproduce(
+    quick: bool = typer.Option(False, "--quick", help="use the shipped checkpoint and fewer prompts (≤ 90 s)"),
+    out: Path = typer.Option(Path("out/reproduce"), help="folder for index.html, figures and metrics.json"),
+    seed: int = typer.Option(0, help="seed of training (full run) and of the test prompts"),
+    as_json: bool = typer.Option(False, "--json", help="print the headline metrics as one JSON object"),
+) -> None:
+    """Reproduce the seed paper's toy experiments end to end: figures, index.html, metrics.json."""
+    from implicit_icl.toy.reproduce import headline
+    from implicit_icl.toy.reproduce import reproduce as run_reproduce
+
+    try:
+        metrics = run_reproduce(out, quick=quick, seed=seed)
+    except ImplicitICLError as error:
+        fail(error)
+    emit(headline(metrics), as_json, f"toy reproduction — {out / 'index.html'}")

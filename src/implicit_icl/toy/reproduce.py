@@ -104,7 +104,7 @@ def run_study(trained: TrainedModel, study: StudyConfig, out: Path) -> dict:
         out,
         "Learning without training: the toy reproduction",
         _intro(trained, study),
-        _summary(metrics),
+        headline(metrics),
         report_figures,
     )
     return metrics
@@ -146,7 +146,8 @@ def _intro(trained: TrainedModel, study: StudyConfig) -> str:
     )
 
 
-def _summary(metrics: dict) -> dict:
+def headline(metrics: dict) -> dict:
+    """The numbers worth a glance, for the report's table and the terminal."""
     keys = [
         "icl_vs_patched_max_abs_diff",
         "icl_vs_patched_max_rel_diff",
@@ -159,7 +160,10 @@ def _summary(metrics: dict) -> dict:
         "least_squares_error_over_d_at_N",
         "model_below_least_squares_max",
     ]
-    summary = {key: metrics[key] for key in keys}
+    summary = {key: metrics[key] for key in keys if key in metrics}
+    for key in ("mode", "wall_time_s"):
+        if key in metrics:
+            summary[key] = metrics[key]
     summary["SGD step size (trained, untrained)"] = str(tuple(metrics["finetune"]["sgd_step_size"].values()))
     summary["alignment gap to untrained / shuffled"] = (
         f"{metrics['alignment']['gap_to_untrained_mean']:.3f} / {metrics['alignment']['gap_to_shuffled_mean']:.3f}"

@@ -27,7 +27,8 @@ from implicit_icl.toy.progress import progress_bar
 class TrainConfig:
     steps: int = 3000
     batch_size: int = 128
-    learning_rate: float = 3e-3
+    learning_rate: float = 3e-3  # peak: linear warm-up, then linear decay to 0 at the last step
+    warmup_steps: int = 100
     n_checkpoints: int = 10  # besides step 0, evenly spaced up to the last step
     seed: int = 0
 
@@ -70,6 +71,7 @@ def train_model(config: ToyConfig, train: TrainConfig) -> TrainedModel:
     """Adam on the squared error of y_q; deterministic for a given (config, train) on one machine."""
     model = build_model(config, train.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate_factor(step, train))
     generator = torch.Generator().manual_seed(train.seed)
     keep = set(train.checkpoint_steps())
     result = TrainedModel(config, train, {0: _snapshot(model)})
@@ -83,11 +85,17 @@ def train_model(config: ToyConfig, train: TrainConfig) -> TrainedModel:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            schedule.step()
             result.train_loss.append(loss.item())
             if step in keep:
                 result.checkpoints[step] = _snapshot(model)
             bar.advance(task)
     return result
+
+
+def _rate_factor(step: int, train: TrainConfig) -> float:
+    warmup = min(1.0, (step + 1) / max(1, train.warmup_steps))
+    return warmup * (1.0 - step / train.steps)
 
 
 def _snapshot(model: ToyTransformer) -> dict[str, Tensor]:
