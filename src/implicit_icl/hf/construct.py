@@ -35,9 +35,10 @@ from implicit_icl.hf.capture import (
     with_hidden_argument,
 )
 from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_length, patch_input
+from implicit_icl.hf.moe import ExpertsConstruction
 from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, spec_for
-from implicit_icl.patch import Delta, Patch, delta_hook, hooks_applied
-from implicit_icl.theory import RankOneUpdate, norm_scale_shift, output_rank_one, stable_norm_scale_patch
+from implicit_icl.patch import Delta, Patch, delta_hook, hooks_applied, weights_applied
+from implicit_icl.theory import RankOneUpdate, output_rank_one, stable_norm_scale_patch
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
 
@@ -101,15 +102,10 @@ def _check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dty
     output = output or spec.default_output
     if output not in OUTPUT_SIDES:
         raise ImplicitICLError(f"unknown output side {output!r}; choose one of {', '.join(OUTPUT_SIDES)}")
-    family = model.config.model_type
-    if spec.post_mlp_norm is None and output in ("norm", "stable"):
+    if output not in spec.output_sides:
         raise ImplicitICLError(
-            f"{family} has no norm after its MLP, so there is no norm scale to patch; use output 'down' or 'bias'"
-        )
-    if spec.post_mlp_norm is not None and output in ("down", "bias"):
-        raise ImplicitICLError(
-            f"{family} normalises the MLP output ({spec.post_mlp_norm}), so a shift before that norm cannot add "
-            "the needed residual difference exactly; use output 'norm' or 'stable'"
+            f"{model.config.model_type} cannot take output {output!r}: {spec.output_sides_reason}; "
+            f"use {' or '.join(spec.output_sides)}"
         )
     return spec, output
 
@@ -169,18 +165,28 @@ class _LayerConstruction:
         self.deltas: dict[str, Delta] = {}
         self.seen: dict[str, Tensor] = {}  # the reduced run's values at the patched token
         self.rerunning = False
+        self.experts = None
+        if spec.experts is not None:
+            experts_states = states.experts[index]
+            self.experts = ExpertsConstruction(
+                layer, spec.router, spec.experts, experts_states, self.deltas, dtype, substitute=feed_context_inputs
+            )
 
     def register(self) -> list:
         layer, spec = self.layer, self.spec
         handles = [
             layer.register_forward_pre_hook(self._feed_input, with_kwargs=True),
             layer.register_forward_hook(self._solve_output_side, with_kwargs=True),
-            layer.get_submodule(spec.mlp_output).register_forward_hook(self._record("inner", "mlp_output")),
         ]
+        if self.experts is not None:
+            handles += self.experts.register()
+        if spec.mlp_output is not None:
+            output_matrix = layer.get_submodule(spec.mlp_output)
+            handles.append(output_matrix.register_forward_hook(self._record("inner", "mlp_output")))
         handles += [layer.get_submodule(path).register_forward_hook(self._input_side(path)) for path in spec.mlp_inputs]
         if spec.post_mlp_norm is not None:
             norm = layer.get_submodule(spec.post_mlp_norm)
-            handles.append(norm.register_forward_hook(self._record("norm_input", None)))
+            handles.append(norm.register_forward_hook(self._record("norm_input", "norm_output")))
         if spec.residual_sum is not None:
             summed = layer.get_submodule(spec.residual_sum)
             handles.append(summed.register_forward_hook(self._record("residual_sum", None)))
@@ -238,22 +244,57 @@ class _LayerConstruction:
             return None  # the next layer is fed its context-ful input anyway
         self.rerunning = True
         try:
-            with hooks_applied(module, output_deltas, batched=True):
+            with self._output_side_applied(module, output_deltas):
                 return module(*args, **kwargs)
         finally:
             self.rerunning = False
 
+    def _output_side_applied(self, layer: nn.Module, output_deltas: dict[str, Delta]):
+        """For the re-run: output deltas through hooks; MoE deltas (one reduced sequence) in the weights."""
+        if self.experts is None:
+            return hooks_applied(layer, output_deltas, batched=True)
+        return weights_applied(layer, {name: delta[0] for name, delta in self.deltas.items()}, batched=False)
+
     def _output_side(self, shift: Tensor) -> dict[str, Delta]:
+        if self.experts is not None:
+            return self.experts.output_side(shift)
         spec, inner = self.spec, self.seen["inner"]
         if self.output == "down":
             return {f"{spec.mlp_output}.weight": output_rank_one(shift, inner)}
         if self.output == "bias":
             return {f"{spec.mlp_output}.bias": shift}
         norm = self.layer.get_submodule(spec.post_mlp_norm)
-        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-        mlp_output = self.seen["norm_input"]
-        if self.output == "norm":
-            return {f"{spec.post_mlp_norm}.weight": norm_scale_shift(shift, mlp_output, eps)}
         scale = norm.weight.to(self.dtype) + spec.norm_offset
-        down, scale_shift = stable_norm_scale_patch(shift, mlp_output, inner, scale, eps)
-        return {f"{spec.mlp_output}.weight": down, f"{spec.post_mlp_norm}.weight": scale_shift}
+        mlp_output, deltas = self.seen["norm_input"], {}
+        if self.output == "stable":
+            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+            down, _ = stable_norm_scale_patch(shift, mlp_output, inner, scale, eps)
+            mlp_output = mlp_output + down.apply(inner)
+            deltas[f"{spec.mlp_output}.weight"] = down
+        # The scale is solved elementwise against the norm's own normalisation of the (moved) MLP output:
+        # HF normalises in float32 even in float64 models, and the theory's float64 n(m) differs from that
+        # by ~1e-7, which would cap the patch's precision there. After the stable variant's rank-1 move the
+        # normalised output is parallel to the target, so the division is well-conditioned.
+        target = self.seen["norm_output"] + shift
+        normalized = _normalized(norm, mlp_output, 1.0 - spec.norm_offset).to(self.dtype)
+        deltas[f"{spec.post_mlp_norm}.weight"] = _scale_reaching(target, normalized) - scale
+        return deltas
+
+
+def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tensor:
+    """n(m) computed by the norm module itself (its dtype, its float32 upcast), with its scale set to one.
+
+    unit_weight: the stored weight that means scale one (1 for w, 0 for Gemma's 1 + w)."""
+    weight = torch.full_like(norm.weight, unit_weight)
+    return torch.func.functional_call(norm, {"weight": weight}, (mlp_output.to(norm.weight.dtype),))
+
+
+def _scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
+    """The scale s' with s' ⊙ n = target, elementwise; refuses coordinates where n = 0 but target is not."""
+    blocked = (normalized == 0) & (target != 0)
+    if blocked.any():
+        raise ImplicitICLError(
+            f"the normalised MLP output is zero at {int(blocked.sum())} coordinate(s) where the needed output is "
+            "not, so no norm-scale patch reaches it; use output 'stable'"
+        )
+    return torch.where(normalized == 0, torch.zeros_like(target), target / normalized)

@@ -18,6 +18,9 @@ paths are relative to one decoder layer unless said otherwise):
   A module path: that module's input, for post-LayerNorm blocks (BERT: "output.LayerNorm"), where the sum
   r + MLP(z) must match before the final norm.
 - `default_output`: the output-side patch used when the caller does not choose one.
+- `router`, `experts`: for a mixture of experts, the router and the fused experts module (parameters
+  gate_up_proj [E, 2I, H] and down_proj [E, H, I]); `mlp_inputs` is then empty and `mlp_output` None,
+  and hf/moe.py builds that part of the patch.
 
 What the spec deliberately leaves out, because the hooks find it: GPT-2's Conv1D orientation (weights
 [in, out]) is detected from the module type at the boundary where a patch is applied; whether a layer
@@ -28,7 +31,7 @@ Adding a family: write its spec below, keyed by `config.model_type`, and add it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from transformers import PreTrainedModel
@@ -45,14 +48,36 @@ class FamilySpec:
 
     layers: str
     mlp_inputs: tuple[str, ...]
-    mlp_output: str
+    mlp_output: str | None
     post_mlp_norm: str | None = None
     norm_offset: float = 0.0
     residual_sum: str | None = None
     default_output: OutputSide = "down"
+    router: str | None = None
+    experts: str | None = None
+
+    @property
+    def output_sides(self) -> tuple[str, ...]:
+        """The output-side patches that are exact for this family."""
+        if self.post_mlp_norm is not None:
+            return ("norm", "stable")
+        return ("down",) if self.experts is not None else ("down", "bias")
+
+    @property
+    def output_sides_reason(self) -> str:
+        if self.post_mlp_norm is not None:
+            return f"it normalises the MLP output ({self.post_mlp_norm}), so only that norm's scale adds δ exactly"
+        if self.experts is not None:
+            return "its fused experts have neither biases nor a norm after them"
+        return "it has no norm after its MLP"
 
 
 _GATED = FamilySpec(layers="model.layers", mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj")
+
+# Gemma 2/3 normalise the MLP output before the residual sum, so only the norm scale can add δ exactly. The
+# elementwise scale patch divides by n(m_C) and so amplifies any later perturbation where it is small; the
+# stable variant (rank-1 on down_proj first) is as exact and much better conditioned, hence the default.
+_GEMMA_POST_NORM = replace(_GATED, post_mlp_norm="post_feedforward_layernorm", norm_offset=1.0, default_output="stable")
 
 SPECS: dict[str, FamilySpec] = {
     "llama": _GATED,
@@ -64,6 +89,22 @@ SPECS: dict[str, FamilySpec] = {
     "gpt_neox": FamilySpec(layers="gpt_neox.layers", mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h"),
     "phi": FamilySpec(layers="model.layers", mlp_inputs=("mlp.fc1",), mlp_output="mlp.fc2"),
     "falcon": FamilySpec(layers="transformer.h", mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h"),
+    "mixtral": FamilySpec(
+        layers="model.layers", mlp_inputs=(), mlp_output=None, router="mlp.gate", experts="mlp.experts"
+    ),
+    # Gemma's pre-norms scale by (1 + w), but only post-MLP norms are patched, so Gemma 1 is Llama here.
+    "gemma": _GATED,
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
+    # OLMo 2 has no pre-norm: the MLP reads the residual stream, and its output is normalised.
+    "olmo2": replace(_GEMMA_POST_NORM, norm_offset=0.0),
+    # Post-LayerNorm encoder: y = LN(r + W_out a + b); the sum before output.LayerNorm must match.
+    "bert": FamilySpec(
+        layers="encoder.layer",
+        mlp_inputs=("intermediate.dense",),
+        mlp_output="output.dense",
+        residual_sum="output.LayerNorm",
+    ),
 }
 
 
