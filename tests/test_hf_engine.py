@@ -53,7 +53,7 @@ def test_removing_a_span_is_a_true_weight_patch(family, variant, seed, data):
     model = tiny_model(family, variant=variant, seed=seed % 3)
     ids = _ids(context_length + query_length, seed)
     context, query = ids[:context_length], ids[context_length:]
-    for output in ("down", "bias"):
+    for output in SPECS[family].output_sides:
         patch = compute_patch(model, context, query, drop=(start, end), output=output)
         verification = verify_patch(model, context, query, patch)
         assert verification.max_abs_logit_diff <= 1e-9 and max(verification.layer_max_abs_diffs) <= 1e-9
@@ -63,7 +63,7 @@ def test_removing_a_span_is_a_true_weight_patch(family, variant, seed, data):
 def test_a_multi_token_query_alone(family, variant):
     model = tiny_model(family, variant=variant, seed=1)
     ids = _ids(24, 7)
-    patch = compute_patch(model, ids[:20], ids[20:], output="bias")
+    patch = compute_patch(model, ids[:20], ids[20:], output=SPECS[family].output_sides[-1])
     _assert_exact(verify_patch(model, ids[:20], ids[20:], patch), torch.float64)
 
 

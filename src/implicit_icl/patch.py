@@ -104,7 +104,7 @@ class Patch:
             via = "hooks" if self.batched or _offloaded(model, self.deltas) else "weights"
         if via == "weights" and self.batched:
             raise ImplicitICLError("a batched patch cannot be added to the weights; use via='hooks' or index it")
-        apply = _weights_applied if via == "weights" else hooks_applied
+        apply = weights_applied if via == "weights" else hooks_applied
         with apply(model, self.deltas, self.batched):
             yield model
 
@@ -219,7 +219,7 @@ def _offloaded(model: nn.Module, deltas: dict[str, Delta]) -> bool:
 
 
 @contextmanager
-def _weights_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) -> Iterator[None]:
+def weights_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) -> Iterator[None]:
     originals: dict[str, Tensor | None] = {}
     try:
         with torch.no_grad():

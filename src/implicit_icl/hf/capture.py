@@ -76,11 +76,14 @@ class ContextStates:
     residual_sums[l]: where the block output is compared (the layer output, or the input of the spec's
         `residual_sum` module).
     mlp_input_outputs[l]: output of every MLP input matrix, by its path inside the layer.
+    experts[l]: for a mixture of experts, the router's "input", "logits", "scores" and "indices" and the
+        experts' "output" (see hf/moe.py); empty otherwise.
     """
 
     layer_inputs: list[Tensor]
     residual_sums: list[Tensor]
     mlp_input_outputs: list[dict[str, Tensor]]
+    experts: list[dict[str, Tensor]]
 
 
 @torch.no_grad()
@@ -91,10 +94,15 @@ def record_context(
     layers = layers_of(model, spec)
     n_layers = len(layers)
     index = torch.as_tensor(list(positions), device=model_device(model))
-    states = ContextStates([None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)])
+    states = ContextStates(
+        [None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
+    )
 
     def at_positions(tensor: Tensor) -> Tensor:
         return tensor[0].index_select(0, index.to(tensor.device))
+
+    def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the sequence flattened to [T, ...]
+        return tensor.index_select(0, index.to(tensor.device))
 
     def record_input(layer: int):
         def hook(module, args, kwargs):
@@ -123,8 +131,26 @@ def record_context(
 
         return hook
 
+    def record_router(layer: int):
+        def hook(module, args, output):
+            logits, scores, indices = output
+            experts = states.experts[layer]
+            experts["input"], experts["logits"] = at_rows(args[0]), at_rows(logits)
+            experts["scores"], experts["indices"] = at_rows(scores), at_rows(indices)
+
+        return hook
+
+    def record_experts(layer: int):
+        def hook(module, args, output):
+            states.experts[layer]["output"] = at_rows(output)
+
+        return hook
+
     handles = []
     for layer, module in enumerate(layers):
+        if spec.experts is not None:
+            handles.append(module.get_submodule(spec.router).register_forward_hook(record_router(layer)))
+            handles.append(module.get_submodule(spec.experts).register_forward_hook(record_experts(layer)))
         handles.append(module.register_forward_pre_hook(record_input(layer), with_kwargs=True))
         handles.append(module.register_forward_hook(record_output(layer)))
         if spec.residual_sum is not None:

@@ -71,8 +71,7 @@ def verify_every_position(model: PreTrainedModel, input_ids: TokenIds, patch: Pa
 def _compare(model, context_run, reduced_ids: Tensor, reduced_positions: Tensor, patch: Patch) -> Verification:
     last = torch.tensor([reduced_ids.shape[1] - 1], device=reduced_ids.device)
     baseline_logits, _ = _read_run(model, reduced_ids, reduced_positions, last, per_sequence=True)
-    with patch.applied(model):
-        patched = _read_run(model, reduced_ids, reduced_positions, last, per_sequence=True)
+    patched = _patched_run(model, patch, reduced_ids, reduced_positions, last)
     context_logits, context_layers = context_run
     patched_logits, patched_layers = patched
     return Verification(
@@ -81,6 +80,23 @@ def _compare(model, context_run, reduced_ids: Tensor, reduced_positions: Tensor,
         layer_max_abs_diffs=[_max_diff(p, c) for p, c in zip(patched_layers, context_layers, strict=True)],
         top1_match=bool((patched_logits.argmax(-1) == context_logits.argmax(-1)).all()),
     )
+
+
+def _patched_run(model, patch: Patch, reduced_ids: Tensor, reduced_positions: Tensor, last: Tensor):
+    """The patched run; a batched patch on a mixture of experts (no hook can patch its router) goes one
+    sequence at a time, each with its own entry added to the weights."""
+    if not patch.batched or spec_for(model).experts is None:
+        with patch.applied(model):
+            return _read_run(model, reduced_ids, reduced_positions, last, per_sequence=True)
+    runs = []
+    for entry in range(len(patch)):
+        with patch[entry].applied(model):
+            runs.append(
+                _read_run(model, reduced_ids[entry : entry + 1], reduced_positions[entry : entry + 1], last, True)
+            )
+    logits = torch.cat([run_logits for run_logits, _ in runs])
+    layers = [torch.cat(layer_outputs) for layer_outputs in zip(*(run_layers for _, run_layers in runs), strict=True)]
+    return logits, layers
 
 
 def _read_run(

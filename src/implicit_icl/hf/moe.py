@@ -1,0 +1,107 @@
+"""Mixture-of-experts MLPs (Mixtral layout): a router and fused experts, patched exactly (THEORY.md §4).
+
+The block computes, for its input z, router logits W_r z, picks the top-k experts with weights p_k, and
+outputs Σ_k p_k W_down,k act(W_gate,k z) ⊙ (W_up,k z); the experts' matrices are stacked in two
+parameters, gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
+
+Input side: the router and the gate_up matrix of every expert the context picked get the rank-1 update
+W (z_C − z) z^T/||z||^2 (the same right factor), so the same experts, weights and activations come out.
+Output side: each picked expert's down matrix gets (δ / Σ_k p_k) a_k^T/||a_k||^2, which adds δ in total.
+Experts the context did not pick get zero factors, so the deltas keep the stacked [E, ...] shape.
+
+Nothing here can be added through an output hook (the router's top-k and the experts' loop sit inside
+their forward), so a removed span is handled with the deltas in the weights, in place, and a one-token
+reduced input gets the context-ful router and expert outputs directly.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor, nn
+
+from implicit_icl.errors import ImplicitICLError, safe_squared_norm
+from implicit_icl.patch import Delta, weights_applied
+from implicit_icl.theory import RankOneUpdate
+
+
+class ExpertsConstruction:
+    """The router and experts part of one layer's construction (see the module docstring).
+
+    context: this layer's context-ful states at the N patched tokens ("input" z_C [N, H], the router's
+    "logits", "scores" [N, k] and "indices" [N, k], the experts' "output" [N, H]); deltas: the layer's
+    delta dict, filled in place; substitute: whether every reduced token is a patched one (one-token
+    sequences), so that router and expert outputs can be replaced by the context-ful ones."""
+
+    def __init__(self, layer: nn.Module, router: str, experts: str, context, deltas, dtype, substitute: bool):
+        self.router_path, self.experts_path = router, experts
+        self.router, self.experts = layer.get_submodule(router), layer.get_submodule(experts)
+        self.block = layer.get_submodule(router.rsplit(".", 1)[0])
+        self.layer, self.context, self.deltas = layer, context, deltas
+        self.dtype, self.substitute = dtype, substitute
+        self._applied = ExitStack()
+
+    def register(self) -> list:
+        handles = [
+            self.block.register_forward_pre_hook(self._input_side),
+            self.block.register_forward_hook(lambda module, args, output: self._applied.close()),
+        ]
+        if self.substitute:
+            handles.append(self.router.register_forward_hook(lambda module, args, output: self._router_output()))
+            handles.append(self.experts.register_forward_hook(lambda module, args, output: self._experts_output()))
+        return handles
+
+    def _router_output(self) -> tuple:
+        return self.context["logits"], self.context["scores"], self.context["indices"]
+
+    def _experts_output(self) -> Tensor:
+        return self.context["output"]
+
+    def _input_side(self, module, args) -> None:
+        """Before the block runs: the input-side deltas from the reduced input z at the patched token."""
+        if f"{self.router_path}.weight" in self.deltas:
+            return  # a re-run of the layer, with every delta already in the weights
+        z = args[0][:, -1].to(self.dtype)
+        squared = safe_squared_norm("the MLP input z without context", z)
+        difference = self.context["input"].to(self.dtype) - z
+        right = z / squared[:, None]
+        router_weight = self.router.weight.to(self.dtype)
+        gate_up = self.experts.gate_up_proj.to(self.dtype)
+        picked = self._picked()[..., None]
+        input_deltas = {
+            f"{self.router_path}.weight": RankOneUpdate(difference @ router_weight.T, right),
+            f"{self.experts_path}.gate_up_proj": RankOneUpdate(
+                torch.einsum("nh,eoh->neo", difference, gate_up) * picked,
+                right[:, None].expand(-1, picked.shape[1], -1),
+            ),
+        }
+        self.deltas.update(input_deltas)
+        if not self.substitute:  # the other reduced tokens see the patched block too
+            unbatched = {name: delta[0] for name, delta in input_deltas.items()}
+            self._applied.enter_context(weights_applied(self.layer, unbatched, batched=False))
+
+    def output_side(self, shift: Tensor) -> dict[str, Delta]:
+        """ΔW_down,k = (δ / Σ_k p_k) a_k^T/||a_k||^2 for the picked experts; shift δ: [N, H]."""
+        gate_up = torch.einsum(
+            "nh,eoh->neo", self.context["input"].to(self.dtype), self.experts.gate_up_proj.to(self.dtype)
+        )
+        gate, up = gate_up.chunk(2, dim=-1)
+        inner = self.experts.act_fn(gate) * up  # a_k of every expert: [N, E, I]
+        picked = self._picked()
+        inner = torch.where(picked[..., None], inner, torch.ones_like(inner))  # unpicked rows get zero factors
+        squared = safe_squared_norm("the inner activation a_k of a picked expert", inner)
+        weights = self.context["scores"].to(self.dtype).sum(-1)
+        if (weights == 0).any():
+            raise ImplicitICLError("the router gave the picked experts zero total weight, so no expert can add δ")
+        mask = picked[..., None].to(self.dtype)
+        left = (shift / weights[:, None])[:, None] * mask  # [N, E, H]
+        return {f"{self.experts_path}.down_proj": RankOneUpdate(left, inner / squared[..., None] * mask)}
+
+    def _picked(self) -> Tensor:
+        """[N, E] mask of the experts the context-ful run picked at each patched token."""
+        indices = self.context["indices"]
+        picked = torch.zeros(
+            indices.shape[0], self.experts.gate_up_proj.shape[0], dtype=torch.bool, device=indices.device
+        )
+        return picked.scatter_(1, indices, True)
