@@ -46,13 +46,17 @@ def _lone_predictions(block: ContextualBlock, tokens: Tensor, delta: Tensor) -> 
         return block(tokens[:, None])[:, 0, -1]
 
 
-def finetune(block: ContextualBlock, prompts: Prompts, step_size: float, implicit: RankOneUpdate | None = None):
+def finetune(
+    block: ContextualBlock, prompts: Prompts, step_size: float | Tensor, implicit: RankOneUpdate | None = None
+) -> FinetuneRun:
     """Online SGD on W over the N examples in order, batched over prompts (each prompt its own copy of W).
 
-    implicit: the prefix updates ΔW_i with factors [B, N, ·], to measure the alignment at every step.
+    step_size: one η, or one per prompt [B]. implicit: the prefix updates ΔW_i with factors [B, N, ·], to
+    measure the alignment at every step.
     """
     weight = block.first_layer.weight
     delta = torch.zeros(prompts.size, *weight.shape, dtype=weight.dtype)
+    step_size = torch.as_tensor(step_size, dtype=weight.dtype).expand(prompts.size)[:, None, None]
     lone_examples = torch.cat([prompts.inputs, torch.zeros_like(prompts.labels)[..., None]], dim=-1)
     losses, alignments = [], []
     for j in range(prompts.context_length):
@@ -76,11 +80,14 @@ def _cosine(update: RankOneUpdate, dense: Tensor) -> Tensor:
 
 def choose_step_size(block: ContextualBlock, held_out: Prompts, grid: list[float]) -> tuple[float, list[float]]:
     """The rule: the η of the grid with the lowest test loss averaged over i = 1..N on held-out tasks
-    (diverging steps count as infinite). Returns η and the mean loss of every grid point."""
+    (diverging steps count as infinite). Returns η and the mean loss of every grid point.
+
+    The whole grid runs as one batch: the held-out prompts repeated once per step size.
+    """
     if not grid:
         raise ImplicitICLError("the step-size grid is empty; give at least one SGD step size")
-    scores = []
-    for step_size in grid:
-        loss = finetune(block, held_out, step_size).test_loss.mean().item()
-        scores.append(loss if loss == loss and loss != float("inf") else float("inf"))
+    repeated = held_out.subset(torch.arange(held_out.size).repeat(len(grid)))
+    step_sizes = torch.tensor(grid, dtype=torch.float64).repeat_interleave(held_out.size)
+    losses = finetune(block, repeated, step_sizes).test_loss.reshape(len(grid), -1).double().mean(1)
+    scores = torch.where(losses.isfinite(), losses, torch.inf).tolist()
     return grid[min(range(len(grid)), key=scores.__getitem__)], scores

@@ -1,6 +1,6 @@
 """Training the toy transformer with Adam on fresh prompts, seeded, with checkpoints on the way.
 
-Each step draws new tasks. Each prompt is seen with a random number k ∈ 1..N of examples: its query token
+Each step draws new tasks. Each prompt is seen with some number k ∈ 1..N of examples: its query token
 replaces example k+1 and the prediction is read there; the causal mask hides every later token, so one
 [B, N+1] batch trains all context lengths without padding and without exposing y_q.
 """
@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 3e-3  # peak: linear warm-up, then linear decay to 0 at the last step
     warmup_steps: int = 100
+    full_context_share: float = 0.5  # prompts seen with all N examples; the rest with k ~ uniform{1..N}
     n_checkpoints: int = 10  # besides step 0, evenly spaced up to the last step
     seed: int = 0
 
@@ -59,16 +60,24 @@ class TrainedModel:
         return self.model_at(max(self.checkpoints), dtype)
 
 
-def training_batch(prompts: Prompts, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Tokens [B, N+1, d+1] with the query at a random position k ∈ 1..N, and those positions [B]."""
+def training_batch(
+    prompts: Prompts, generator: torch.Generator, full_context_share: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """Tokens [B, N+1, d+1] with the query at position k, and those positions [B]: k = N for a share of
+    the prompts, k ~ uniform{1..N} for the others."""
     tokens = torch.cat([prompts.example_tokens(), prompts.query_token()[:, None]], dim=1)
     positions = torch.randint(1, prompts.context_length + 1, (prompts.size,), generator=generator)
+    full = torch.rand(prompts.size, generator=generator) < full_context_share
+    positions = torch.where(full, prompts.context_length, positions)
     tokens[torch.arange(prompts.size), positions] = prompts.query_token()
     return tokens, positions
 
 
-def train_model(config: ToyConfig, train: TrainConfig) -> TrainedModel:
-    """Adam on the squared error of y_q; deterministic for a given (config, train) on one machine."""
+def train_model(config: ToyConfig, train: TrainConfig, stop_after: int | None = None) -> TrainedModel:
+    """Adam on the squared error of y_q; deterministic for a given (config, train) on one machine.
+
+    stop_after: end early at that step, on the same trajectory (to check a checkpoint without a full run).
+    """
     model = build_model(config, train.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _rate_factor(step, train))
@@ -76,10 +85,11 @@ def train_model(config: ToyConfig, train: TrainConfig) -> TrainedModel:
     keep = set(train.checkpoint_steps())
     result = TrainedModel(config, train, {0: _snapshot(model)})
     with progress_bar() as bar:
-        task = bar.add_task("training the toy model", total=train.steps)
-        for step in range(1, train.steps + 1):
+        last = train.steps if stop_after is None else min(stop_after, train.steps)
+        task = bar.add_task("training the toy model", total=last)
+        for step in range(1, last + 1):
             prompts = sample_prompts(train.batch_size, config.dim, config.context_length, config.noise, generator)
-            tokens, positions = training_batch(prompts, generator)
+            tokens, positions = training_batch(prompts, generator, train.full_context_share)
             predictions = model(tokens).gather(1, positions[:, None]).squeeze(1)
             loss = (predictions - prompts.query_label).pow(2).mean()
             optimizer.zero_grad(set_to_none=True)
