@@ -1,6 +1,7 @@
 """The Patch object: applied and removed bit for bit, the same through weights and hooks, saved and loaded."""
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -99,8 +100,18 @@ def test_loading_checks_the_patch_fits_the_model(tmp_path):
         with patch.applied(tiny_model("gpt2")):
             pass
     deeper = compute_patch(tiny_model("llama", variant="tied"), CONTEXT, QUERY)
-    with pytest.raises(ImplicitICLError, match="no module model.layers.2"):
+    with pytest.raises(ImplicitICLError, match="computed for 3 layers but the model has 2"):
         with deeper.applied(tiny_model("llama")):
+            pass
+    model = tiny_model("llama")
+    (name, delta), *_ = patch.deltas.items()
+    renamed = replace(patch, deltas={name.replace("gate_proj", "gate"): delta})
+    with pytest.raises(ImplicitICLError, match="has no module model.layers.0.mlp.gate;"):
+        with renamed.applied(model):
+            pass
+    cut = replace(patch, deltas={name: RankOneUpdate(delta.u[:-1], delta.v)})
+    with pytest.raises(ImplicitICLError, match=r"shape \(49, 36\) but the model's parameter has \(50, 36\)"):
+        with cut.applied(model):
             pass
     with pytest.raises(ImplicitICLError, match="holds no saved patch"):
         Patch.load(tmp_path)

@@ -19,7 +19,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -55,7 +55,7 @@ class Patch:
     output: str
     positions: tuple[int, ...]
     drop: tuple[int, int] | None = None
-    batched: bool = field(default=False)
+    batched: bool = False
 
     def __getitem__(self, index: int) -> Patch:
         """The patch of batch entry `index` of a batched patch."""
@@ -114,6 +114,12 @@ class Patch:
         if family != self.family:
             raise ImplicitICLError(
                 f"this patch was computed for a {self.family!r} model, not {family!r}; compute it for this model"
+            )
+        n_layers = getattr(model.config, "num_hidden_layers", self.n_layers)
+        if n_layers != self.n_layers:
+            raise ImplicitICLError(
+                f"this patch was computed for {self.n_layers} layers but the model has {n_layers}; "
+                "compute it for this model"
             )
         for name, delta in self.deltas.items():
             expected, actual = _delta_shape(delta, self.batched), _parameter_shape(model, name)
