@@ -56,12 +56,12 @@ def patched_generate(
         steps = track(steps, description="generating", console=Console(stderr=True), transient=True)
     for _ in steps:
         logits = run_model(model, with_context[None], torch.arange(with_context.numel(), device=device)[None])
-        with_context = torch.cat([with_context, logits[0, -1].argmax()[None]])
+        with_context = torch.cat([with_context, logits[0, -1].argmax()[None].to(device)])
         patch = compute_patch(model, patched[:-1], patched[-1:], output=output, dtype=dtype)
         position = torch.tensor([[patched.numel() - 1]], device=device)
         with patch.applied(model):
             logits = run_model(model, patched[-1:][None], position)
-        patched = torch.cat([patched, logits[0, -1].argmax()[None]])
+        patched = torch.cat([patched, logits[0, -1].argmax()[None].to(device)])  # the head may sit elsewhere
     new_with_context = with_context[-max_new_tokens:].tolist()
     new_patched = patched[-max_new_tokens:].tolist()
     agreement = sum(a == b for a, b in zip(new_with_context, new_patched, strict=True)) / max_new_tokens
