@@ -71,3 +71,75 @@ def reproduce(
     except ImplicitICLError as error:
         fail(error)
     emit(headline(metrics), as_json, f"toy reproduction — {out / 'index.html'}")
+
+
+_CONTEXT_HELP = "context text (tokenized with the model's tokenizer)"
+
+
+@app.command()
+def patch(
+    model: str = typer.Option(..., "--model", help="local Hugging Face directory or hub name"),
+    context: str | None = typer.Option(None, help=_CONTEXT_HELP),
+    context_file: Path | None = typer.Option(None, help="file holding the context text"),
+    context_ids: str | None = typer.Option(None, help='context token ids, e.g. "1 2 3" (models without tokenizer)'),
+    query: str | None = typer.Option(None, help="query text; the patch is for its last token"),
+    query_ids: str | None = typer.Option(None, help='query token ids, e.g. "4"'),
+    drop: str | None = typer.Option(None, help="remove only the context span START:END (default: all of it)"),
+    dtype: str = typer.Option("float32", help="model dtype: float32, float64 or bfloat16"),
+    arithmetic: str = typer.Option("float64", help="patch arithmetic: float32 or float64"),
+    output: str | None = typer.Option(None, help="output side: down, bias, norm or stable (default: the family's)"),
+    save: Path | None = typer.Option(None, help="save the patch (safetensors + JSON) into this folder"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """The exact weight patch that makes the model without the context act as with it, checked."""
+    from implicit_icl.hf.commands import load_model, parse_drop, patch_report, token_ids
+
+    try:
+        loaded = load_model(model, dtype)
+        context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
+        query_tokens = token_ids(loaded, "query", query, None, query_ids)
+        result = patch_report(loaded, context_tokens, query_tokens, parse_drop(drop), arithmetic, output, save)
+    except ImplicitICLError as error:
+        fail(error)
+    if as_json:
+        emit(result, as_json, "")
+        return
+    _print_changes(result["changes"])
+    summary = {key: value for key, value in result.items() if key != "changes"}
+    emit(summary, as_json, f"{result['family']}: patched without the context vs with it, at the query")
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="local Hugging Face directory or hub name"),
+    context: str | None = typer.Option(None, help=_CONTEXT_HELP),
+    context_file: Path | None = typer.Option(None, help="file holding the context text"),
+    context_ids: str | None = typer.Option(None, help='context token ids, e.g. "1 2 3" (models without tokenizer)'),
+    query: str | None = typer.Option(None, help="query text"),
+    query_ids: str | None = typer.Option(None, help='query token ids, e.g. "4"'),
+    max_new_tokens: int = typer.Option(32, help="tokens to generate greedily"),
+    dtype: str = typer.Option("float32", help="model dtype: float32, float64 or bfloat16"),
+    arithmetic: str = typer.Option("float32", help="patch arithmetic: float32 or float64"),
+    output: str | None = typer.Option(None, help="output side: down, bias, norm or stable (default: the family's)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Greedy generation with the context vs without it under per-token exact patches."""
+    from implicit_icl.hf.commands import generate_report, load_model, token_ids
+
+    try:
+        loaded = load_model(model, dtype)
+        context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
+        query_tokens = token_ids(loaded, "query", query, None, query_ids)
+        result = generate_report(loaded, context_tokens, query_tokens, max_new_tokens, arithmetic, output)
+    except ImplicitICLError as error:
+        fail(error)
+    emit(result, as_json, f"{result['family']}: greedy tokens with context vs patched without it")
+
+
+def _print_changes(changes: list[dict]) -> None:
+    table = Table(title="what the patch changes")
+    for column in ("layer", "parameter", "kind", "norm"):
+        table.add_column(column, justify="right" if column in ("layer", "norm") else "left")
+    for row in changes:
+        table.add_row(str(row["layer"]), row["parameter"], row["kind"], f"{row['norm']:.3e}")
+    console.print(table)

@@ -1,0 +1,151 @@
+"""What `implicit-icl patch` and `implicit-icl generate` do, as plain functions returning JSON-ready dicts.
+
+The CLI wrappers in cli.py only parse options and print; everything that can go wrong with the user's
+input raises ImplicitICLError here with a one-line message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.construct import compute_patch
+from implicit_icl.hf.generate import patched_generate
+from implicit_icl.hf.spec import spec_for
+from implicit_icl.hf.verify import verify_patch
+
+MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+ARITHMETIC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ENCODER_TYPES = frozenset({"bert"})
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with eager attention, and its tokenizer (None when the model has none)."""
+
+    model: PreTrainedModel
+    tokenizer: object | None
+    name: str
+
+
+def load_model(name: str, dtype: str) -> LoadedModel:
+    """Load a local Hugging Face directory or a hub name (offline: only what is cached)."""
+    if dtype not in MODEL_DTYPES:
+        raise ImplicitICLError(f"unknown --dtype {dtype!r}; choose one of {', '.join(MODEL_DTYPES)}")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ImplicitICLError(
+            f"cannot load a model from {name!r} ({str(error).splitlines()[0]}); give a local directory holding "
+            "config.json and the weights, or a hub name that is cached"
+        ) from None
+    auto = AutoModel if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(name, dtype=MODEL_DTYPES[dtype], attn_implementation="eager")
+    except (OSError, ValueError) as error:
+        raise ImplicitICLError(f"cannot load the weights of {name!r}: {str(error).splitlines()[0]}") from None
+    spec_for(model)  # an unsupported family fails here, naming the supported ones
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return LoadedModel(model.eval(), tokenizer, name)
+
+
+def token_ids(
+    loaded: LoadedModel, what: str, text: str | None, text_file: Path | None, ids: str | None
+) -> torch.Tensor:
+    """The ids [T] of the context or query from exactly one of: text, a text file, space-separated ids."""
+    given = [option for option, value in (("", text), ("-file", text_file), ("-ids", ids)) if value is not None]
+    if len(given) != 1:
+        options = f"--{what}, --{what}-file or --{what}-ids" if what == "context" else f"--{what} or --{what}-ids"
+        raise ImplicitICLError(f"give exactly one of {options} (got {len(given)})")
+    if ids is not None:
+        try:
+            return torch.tensor([int(token) for token in ids.replace(",", " ").split()], dtype=torch.long)
+        except ValueError:
+            raise ImplicitICLError(f"--{what}-ids must be integers separated by spaces, got {ids!r}") from None
+    if text_file is not None:
+        try:
+            text = Path(text_file).read_text()
+        except OSError as error:
+            raise ImplicitICLError(f"cannot read --{what}-file: {error}") from None
+    if loaded.tokenizer is None:
+        raise ImplicitICLError(f"{loaded.name} has no tokenizer; pass token ids with --{what}-ids instead of text")
+    # Special tokens (BOS, [CLS]) open the context; the query continues it.
+    return torch.tensor(loaded.tokenizer(text, add_special_tokens=what == "context")["input_ids"], dtype=torch.long)
+
+
+def parse_drop(drop: str | None) -> tuple[int, int] | None:
+    """'START:END' -> (START, END); bounds are checked against the context by the engine."""
+    if drop is None:
+        return None
+    try:
+        start, end = (int(part) for part in drop.split(":"))
+    except ValueError:
+        raise ImplicitICLError(f"--drop must look like START:END (two integers), got {drop!r}") from None
+    return start, end
+
+
+def patch_report(
+    loaded: LoadedModel,
+    context: torch.Tensor,
+    query: torch.Tensor,
+    drop: tuple[int, int] | None = None,
+    arithmetic: str = "float64",
+    output: str | None = None,
+    save: Path | None = None,
+) -> dict:
+    """Compute the exact patch, verify it against the context-ful model, optionally save it."""
+    if arithmetic not in ARITHMETIC_DTYPES:
+        raise ImplicitICLError(f"unknown --arithmetic {arithmetic!r}; choose float32 or float64")
+    model = loaded.model
+    start = time.perf_counter()
+    patch = compute_patch(model, context, query, drop=drop, output=output, dtype=ARITHMETIC_DTYPES[arithmetic])
+    seconds = time.perf_counter() - start
+    verification = verify_patch(model, context, query, patch)
+    if save is not None:
+        patch.save(save)
+    return dict(
+        family=patch.family,
+        n_layers=patch.n_layers,
+        model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        arithmetic_dtype=arithmetic,
+        output_side=patch.output,
+        context_tokens=context.numel(),
+        query_tokens=query.numel(),
+        drop=list(drop) if drop else None,
+        **verification.as_dict(),
+        modules=patch.modules,
+        changes=patch.summary(),
+        seconds=seconds,
+        saved_to=str(save) if save is not None else None,
+    )
+
+
+def generate_report(
+    loaded: LoadedModel,
+    context: torch.Tensor,
+    query: torch.Tensor,
+    max_new_tokens: int,
+    arithmetic: str = "float32",
+    output: str | None = None,
+) -> dict:
+    """Greedy generation with the context and without it under per-token patches."""
+    if arithmetic not in ARITHMETIC_DTYPES:
+        raise ImplicitICLError(f"unknown --arithmetic {arithmetic!r}; choose float32 or float64")
+    if loaded.model.config.model_type in ENCODER_TYPES:
+        raise ImplicitICLError(f"{loaded.model.config.model_type} is an encoder and does not generate; use a decoder")
+    generation = patched_generate(
+        loaded.model, context, query, max_new_tokens, output=output, dtype=ARITHMETIC_DTYPES[arithmetic], progress=True
+    )
+    report = dict(family=loaded.model.config.model_type, arithmetic_dtype=arithmetic, **generation.as_dict())
+    if loaded.tokenizer is not None:
+        report["text_with_context"] = loaded.tokenizer.decode(generation.tokens_with_context)
+        report["text_patched"] = loaded.tokenizer.decode(generation.tokens_patched)
+    return report

@@ -1,0 +1,108 @@
+"""`implicit-icl patch` and `implicit-icl generate` on tiny zoo models saved with save_pretrained."""
+
+import json
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+from typer.testing import CliRunner
+
+from implicit_icl.cli import app
+from implicit_icl.hf.zoo import tiny_model
+from implicit_icl.patch import Patch
+
+runner = CliRunner()
+CONTEXT = "5 17 42 8 91 23 64 3 11 70"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """family -> directory of a saved float32 zoo model (config + safetensors, no tokenizer)."""
+    root = tmp_path_factory.mktemp("models")
+    directories = {}
+    for family in ("llama", "gemma2", "bert"):
+        directories[family] = root / family
+        tiny_model(family, seed=1, dtype=torch.float32).save_pretrained(directories[family])
+    unsupported = OPTForCausalLM(
+        OPTConfig(
+            vocab_size=97,
+            hidden_size=16,
+            ffn_dim=20,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+        )
+    )
+    directories["opt"] = root / "opt"
+    unsupported.save_pretrained(directories["opt"])
+    return directories
+
+
+def _run(*args: str) -> dict:
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize(("family", "output_side"), [("llama", "down"), ("gemma2", "stable"), ("bert", "down")])
+def test_patch_reports_the_contract_keys(saved, family, output_side):
+    report = _run("patch", "--model", str(saved[family]), "--context-ids", CONTEXT, "--query-ids", "7")
+    assert report["family"] == family and report["output_side"] == output_side
+    assert report["model_dtype"] == "float32" and report["arithmetic_dtype"] == "float64"
+    assert report["max_abs_logit_diff"] <= 1e-4 and max(report["layer_max_abs_diffs"]) <= 1e-4
+    assert report["baseline_max_abs_logit_diff"] > 0.1 and report["top1_match"]
+    assert report["n_layers"] == len(report["layer_max_abs_diffs"])
+    assert report["modules"] == list(dict.fromkeys(row["parameter"].rsplit(".", 1)[0] for row in report["changes"]))
+    assert all(row["norm"] > 0 for row in report["changes"])
+
+
+def test_patch_in_float64_with_a_dropped_span_saves_what_it_reports(saved, tmp_path):
+    report = _run(
+        "patch", "--model", str(saved["llama"]), "--context-ids", CONTEXT, "--query-ids", "7 9",
+        "--drop", "2:5", "--dtype", "float64", "--output", "bias", "--save", str(tmp_path / "patch"),
+    )  # fmt: skip
+    assert report["drop"] == [2, 5] and report["max_abs_logit_diff"] <= 1e-9
+    patch = Patch.load(tmp_path / "patch")
+    assert patch.drop == (2, 5) and patch.output == "bias"
+    assert [row["parameter"] for row in report["changes"]] == list(patch.deltas)
+    assert [row["norm"] for row in report["changes"]] == pytest.approx([row["norm"] for row in patch.summary()])
+
+
+def test_generate_agrees_token_for_token(saved):
+    report = _run("generate", "--model", str(saved["llama"]), "--context-ids", CONTEXT, "--query-ids", "7")
+    assert len(report["tokens_with_context"]) == len(report["tokens_patched"]) == 32
+    assert report["tokens_patched"] == report["tokens_with_context"] and report["agreement"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--context-ids", "", "--query-ids", "7"], "context is empty"),
+        (["--context-ids", " ".join(["1"] * 200), "--query-ids", "7"], "at most 128 positions"),
+        (["--context-ids", "1 2 500", "--query-ids", "7"], "outside the model's vocabulary"),
+        (["--context-ids", "1 2 x", "--query-ids", "7"], "integers"),
+        (["--context-ids", CONTEXT, "--query-ids", "7", "--drop", "4:40"], "--drop 4:40"),
+        (["--context-ids", CONTEXT, "--query-ids", "7", "--drop", "4"], "START:END"),
+        (["--context", "some text", "--query-ids", "7"], "no tokenizer"),
+        (["--context-ids", CONTEXT, "--context", "both", "--query-ids", "7"], "exactly one"),
+        (["--context-ids", CONTEXT, "--query-ids", "7", "--output", "norm"], "no norm after its MLP"),
+        (["--context-ids", CONTEXT, "--query-ids", "7", "--dtype", "float16"], "--dtype"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_non_zero_exit(saved, arguments, message):
+    result = runner.invoke(app, ["patch", "--model", str(saved["llama"]), *arguments])
+    assert result.exit_code == 2
+    # The last stderr line is the error (HF's weight-loading bar may come before it); stdout stays empty.
+    assert result.stderr.splitlines()[-1].startswith("error: ") and result.stderr.count("error: ") == 1
+    assert message in result.stderr.splitlines()[-1] and result.stdout == ""
+
+
+def test_unknown_family_and_missing_model_are_refused(saved, tmp_path):
+    result = runner.invoke(app, ["patch", "--model", str(saved["opt"]), "--context-ids", "1 2", "--query-ids", "3"])
+    assert result.exit_code == 2 and "unsupported model family 'opt'" in result.stderr
+    assert "llama" in result.stderr and "spec.py" in result.stderr
+    result = runner.invoke(
+        app, ["patch", "--model", str(tmp_path / "nothing"), "--context-ids", "1", "--query-ids", "3"]
+    )
+    assert result.exit_code == 2 and "cannot load a model" in result.stderr
