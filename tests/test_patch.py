@@ -44,17 +44,26 @@ def test_weights_restored_bit_for_bit_on_exit_and_on_exception(dtype, output):
     assert all(layer.mlp.down_proj.bias is None for layer in model.model.layers)
 
 
-def test_conv1d_weights_and_hooks_agree():
-    """GPT-2 stores [in, out]: the in-place path transposes the factors, the hook path never sees W."""
-    model = tiny_model("gpt2", seed=2)
-    patch = compute_patch(model, CONTEXT, QUERY)
-    assert patch.deltas["transformer.h.0.mlp.c_fc.weight"].shape == (50, 36)  # nn.Linear orientation
+@pytest.mark.parametrize(
+    ("family", "output"),
+    [("gpt2", "down"), ("llama", "bias"), ("mixtral", "down"), ("olmo2", "norm"), ("gemma2", "stable")],
+)
+def test_weights_and_hooks_agree(family, output):
+    """Hooks add u (v·x) to Linear and Conv1D outputs (GPT-2 stores [in, out]: only the in-place path
+    transposes) and re-run norms, routers and fused experts with shifted parameters."""
+    model = tiny_model(family, seed=2)
+    patch = compute_patch(model, CONTEXT, QUERY, output=output)
     with patch.applied(model, via="weights"):
         through_weights = _query_logits(model)
     with patch.applied(model, via="hooks"):
         through_hooks = _query_logits(model)
     torch.testing.assert_close(through_weights, through_hooks, rtol=0, atol=1e-12)
     assert (through_weights - _query_logits(model)).abs().max() > 1e-2
+
+
+def test_conv1d_deltas_keep_the_linear_orientation():
+    patch = compute_patch(tiny_model("gpt2"), CONTEXT, QUERY)
+    assert patch.deltas["transformer.h.0.mlp.c_fc.weight"].shape == (50, 36)  # [out, in]; Conv1D stores [36, 50]
 
 
 def test_dense_delta_matches_the_factors_and_the_summary():

@@ -274,45 +274,48 @@ def hooks_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) -> 
 
 
 def delta_hook(deltas: dict[str, Delta], batched: bool):
-    """A forward hook adding the deltas' effect to a module's output [batch, T, out].
+    """A forward hook giving a module the output it has with the deltas added to its parameters.
 
-    Batched deltas [batch, ...] act on their own batch sequence, hence the inserted time dimension."""
+    Linear and Conv1D outputs [batch, T, out] are linear in the weight and bias, so the deltas' effect is
+    added (rank-1 as u (v·x), never densely). Other modules (norms, routers, fused experts) are re-run with
+    the shifted parameters. Batched deltas [batch, ...] act on their own batch sequence."""
 
     def per_sequence(tensor: Tensor, like: Tensor) -> Tensor:
         tensor = tensor.to(like)
         return tensor.unsqueeze(-2) if batched else tensor
 
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        (x,) = args[:1]
+    def hook(module: nn.Module, args: tuple, output):
+        if isinstance(module, nn.Linear | Conv1D):
+            x = args[0]
+            for delta in deltas.values():
+                if isinstance(delta, RankOneUpdate):
+                    u, v = per_sequence(delta.u, output), per_sequence(delta.v, output)
+                    output = output + (x * v).sum(-1, keepdim=True) * u
+                else:
+                    output = output + per_sequence(delta, output)
+            return output
+        if batched and any(isinstance(delta, RankOneUpdate) for delta in deltas.values()):
+            raise ImplicitICLError(
+                f"a batched patch cannot act on {type(module).__name__} through hooks; apply its entries one by one"
+            )
+        shifted = {}
         for attribute, delta in deltas.items():
-            if isinstance(delta, RankOneUpdate) and isinstance(module, nn.Linear | Conv1D):
-                u, v = per_sequence(delta.u, output), per_sequence(delta.v, output)
-                output = output + (x * v).sum(-1, keepdim=True) * u
-            elif isinstance(delta, RankOneUpdate):  # not linear in its input (a router, fused experts)
-                if batched:
-                    raise ImplicitICLError(
-                        f"a batched patch cannot act on {type(module).__name__} through hooks; apply its entries one by one"
-                    )
-                weight = getattr(module, attribute)
-                output = _forward_with(module, attribute, weight + delta.dense().to(weight), args)
-            elif attribute == "bias":
-                output = output + per_sequence(delta, output)
-            else:  # a norm scale: recompute the norm with the shifted scale
-                scale = getattr(module, attribute) + per_sequence(delta, output)
-                output = _forward_with(module, attribute, scale, args)
-        return output
+            parameter = getattr(module, attribute)
+            change = delta.dense() if isinstance(delta, RankOneUpdate) else per_sequence(delta, parameter)
+            shifted[attribute] = parameter + change.to(parameter)
+        return _forward_with(module, shifted, args)
 
     return hook
 
 
-def _forward_with(module: nn.Module, attribute: str, value: Tensor, args: tuple) -> Tensor:
-    """The module's own forward, bypassing its hooks (this runs inside one), with a parameter replaced."""
-    saved = module._parameters[attribute]
-    module._parameters[attribute] = value
+def _forward_with(module: nn.Module, parameters: dict[str, Tensor], args: tuple):
+    """The module's own forward, bypassing its hooks (this runs inside one), with parameters replaced."""
+    saved = {name: module._parameters[name] for name in parameters}
+    module._parameters.update(parameters)
     try:
         return module.forward(*args)
     finally:
-        module._parameters[attribute] = saved
+        module._parameters.update(saved)
 
 
 def _atomic_write(path: Path, write) -> None:
