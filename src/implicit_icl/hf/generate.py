@@ -41,9 +41,13 @@ def patched_generate(
     output: str | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    via: str = "auto",
 ) -> Generation:
     """Generate `max_new_tokens` greedily after context + query, and without the context (each step's
-    newest token alone under its own exact patch; output and dtype as in `compute_patch`)."""
+    newest token alone under its own exact patch; output and dtype as in `compute_patch`).
+
+    via: how each patch is applied (`Patch.applied`). In bfloat16, "weights" rounds W + ΔW to the
+    model's precision; "hooks" keeps W as it is and adds the delta's effect to the module outputs."""
     if max_new_tokens < 1:
         raise ImplicitICLError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     inputs = patch_input(model, context_ids, query_ids)
@@ -59,7 +63,7 @@ def patched_generate(
         with_context = torch.cat([with_context, logits[0, -1].argmax()[None].to(device)])
         patch = compute_patch(model, patched[:-1], patched[-1:], output=output, dtype=dtype)
         position = torch.tensor([[patched.numel() - 1]], device=device)
-        with patch.applied(model):
+        with patch.applied(model, via=via):
             logits = run_model(model, patched[-1:][None], position)
         patched = torch.cat([patched, logits[0, -1].argmax()[None].to(device)])  # the head may sit elsewhere
     new_with_context = with_context[-max_new_tokens:].tolist()
