@@ -13,7 +13,8 @@
    sequences) is fed h_C directly, since nothing else in its layer depends on the patch. A longer reduced
    input (a removed span, a multi-token query) re-runs the layer with its output patch on, because the
    patch also changes the other positions the next layer attends to.
-Nothing here builds a dense matrix: u comes from activations, never from W.
+Mixtures of experts (a router and fused experts) get their input and output sides from hf/moe.py.
+Nothing here builds a dense delta: the factors come from activations (and, for experts, W (z_C − z)).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def compute_patch(
     deltas = _chain(
         model, spec, states, full[kept][None], kept[None], output, dtype, feed_context_inputs=kept.numel() == 1
     )
-    return _patch(model, spec, deltas, output, dtype, (query_position,), inputs)[0]
+    return _patch(model, spec, deltas, output, dtype, (query_position,), inputs)[0]  # the one reduced sequence
 
 
 def every_position_patches(
@@ -79,8 +80,9 @@ def every_position_patches(
     """Each token's own patch, its context being the tokens before it, from one context-ful forward pass.
 
     Returns a batched Patch: entry i makes token i alone at position i produce what it produces after
-    tokens 0..i−1 (entry 0 has no context and is zero up to rounding). Apply it with `patch.applied` to
-    the batch of one-token sequences ids[:, None] at positions arange(T)[:, None].
+    tokens 0..i−1 (entry 0 has no context and is zero up to rounding; in a bidirectional encoder the
+    context is every other token). Apply it with `patch.applied` to the batch of one-token sequences
+    ids[:, None] at positions arange(T)[:, None].
     """
     spec, output = _check_settings(model, output, dtype)
     ids = as_token_ids("input ids", input_ids, model)
