@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 
 from implicit_icl import ImplicitICLError
 from implicit_icl.cli import app
-from implicit_icl.toy.experiments import error_curves
+from implicit_icl.toy.experiments import squared_errors
 from implicit_icl.toy.model import ToyConfig
 from implicit_icl.toy.reproduce import DEFAULT_MODEL, DEFAULT_TRAINING, SHIPPED_CHECKPOINT, run_study
-from implicit_icl.toy.study import StudyConfig, evaluation_sets
+from implicit_icl.toy.study import StudyConfig, evaluation_sets, learning_checks
 from implicit_icl.toy.train import TrainConfig, load_trained, save_trained, train_model
 
 MINI_MODEL = ToyConfig(dim=2, context_length=6, attention_width=8, mlp_width=16, n_heads=2)
@@ -100,8 +100,8 @@ def test_shipped_checkpoint_is_small_and_made_by_the_training_script(shipped):
 
 def test_shipped_model_learns_and_never_beats_least_squares(shipped):
     sets = evaluation_sets(shipped, StudyConfig(n_test_prompts=1000, n_held_out_prompts=1, seed=11))
-    curves = error_curves(shipped.final(), sets.test, shipped.config.noise, torch.Generator().manual_seed(0))
-    model, averaging, least_squares = curves["model"], curves["averaging"], curves["least squares"]
-    assert model.high[-1] < averaging.low[-1]  # below averaging at k = N, beyond the bootstrap noise
-    assert model.mean[-1] < 0.2 * curves["zero"].mean[-1]
-    assert (model.high >= least_squares.low).all()  # never below the Bayes-optimal estimator beyond noise
+    errors = squared_errors(shipped.final(), sets.test, shipped.config.noise)
+    checks = learning_checks(errors, torch.Generator().manual_seed(0))
+    assert checks["model_minus_averaging_at_N"]["ci95_high"][0] < 0  # below averaging at k = N, beyond noise
+    assert checks["model_error_over_d_at_N"] < 0.2 * checks["zero_error_over_d_at_N"]
+    assert checks["model_below_least_squares_max_ci95_low"] <= 0  # never below Bayes-optimal beyond noise

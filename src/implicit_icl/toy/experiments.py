@@ -2,7 +2,7 @@
 
 (a) `patch_agreement`: prediction with the prompt vs the query alone through W + ΔW, per checkpoint;
 (b) `increment_norms_by_token`: ||ΔW_{i+1} − ΔW_i|| as the context is consumed token by token;
-(c, d) live in `finetune.py`; the error-vs-k curves against the baselines in `error_curves`.
+(c, d) live in `finetune.py`; the error-vs-k curves against the baselines from `squared_errors`.
 All "prefix" quantities use A(c_1..c_i, x): the block run on the first i examples followed by the query.
 """
 
@@ -16,7 +16,6 @@ from implicit_icl.theory import ImplicitUpdate, gradient_descent_errors, increme
 from implicit_icl.toy.baselines import all_baselines
 from implicit_icl.toy.data import Prompts
 from implicit_icl.toy.model import ToyTransformer
-from implicit_icl.toy.statistics import bootstrap
 
 
 @torch.no_grad()
@@ -26,8 +25,9 @@ def predictions_by_k(model: ToyTransformer, prompts: Prompts) -> Tensor:
 
 
 @torch.no_grad()
-def error_curves(model: ToyTransformer, prompts: Prompts, noise: float, generator: torch.Generator) -> dict:
-    """Squared error of y_q divided by d, over k = 0..N, for the model and every baseline."""
+def squared_errors(model: ToyTransformer, prompts: Prompts, noise: float) -> dict[str, Tensor]:
+    """Squared error of y_q divided by d, per prompt and k = 0..N ([B, N+1]), for the model and every
+    baseline: the raw material of the error-vs-k curves (and of paired comparisons between estimators)."""
     squared = {"model": (predictions_by_k(model, prompts) - prompts.query_label[:, None]).pow(2)}
     for name, estimator in all_baselines(noise).items():
         columns = [
@@ -35,7 +35,7 @@ def error_curves(model: ToyTransformer, prompts: Prompts, noise: float, generato
             for k in range(prompts.context_length + 1)
         ]
         squared[name] = (torch.stack(columns, dim=1) - prompts.query_label[:, None]).pow(2)
-    return {name: bootstrap(errors / prompts.dim, generator) for name, errors in squared.items()}
+    return {name: errors / prompts.dim for name, errors in squared.items()}
 
 
 @torch.no_grad()

@@ -26,11 +26,11 @@ from implicit_icl.toy.progress import progress_bar
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 3000
-    batch_size: int = 128
+    batch_size: int = 256
     learning_rate: float = 3e-3  # peak: linear warm-up, then linear decay to 0 at the last step
     warmup_steps: int = 100
     full_context_share: float = 0.5  # prompts seen with all N examples; the rest with k ~ uniform{1..N}
-    n_checkpoints: int = 10  # besides step 0, evenly spaced up to the last step
+    n_checkpoints: int = 20  # besides step 0, evenly spaced up to the last step
     seed: int = 0
 
     def __post_init__(self) -> None:
