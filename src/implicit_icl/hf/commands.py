@@ -77,8 +77,20 @@ def token_ids(
             raise ImplicitICLError(f"cannot read --{what}-file: {error}") from None
     if loaded.tokenizer is None:
         raise ImplicitICLError(f"{loaded.name} has no tokenizer; pass token ids with --{what}-ids instead of text")
-    # Special tokens (BOS, [CLS]) open the context; the query continues it.
-    return torch.tensor(loaded.tokenizer(text, add_special_tokens=what == "context")["input_ids"], dtype=torch.long)
+    plain = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if what == "context":
+        plain = _with_leading_special_tokens(loaded.tokenizer, text, plain)
+    return torch.tensor(plain, dtype=torch.long)
+
+
+def _with_leading_special_tokens(tokenizer, text: str, plain: list[int]) -> list[int]:
+    """The context opens with the tokenizer's leading special tokens (BOS, [CLS]) but does not end with its
+    closing ones ([SEP], EOS): the query continues it."""
+    full = tokenizer(text)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start] + plain
+    return plain
 
 
 def parse_drop(drop: str | None) -> tuple[int, int] | None:
