@@ -48,6 +48,12 @@ def test_unknown_family_names_the_supported_ones():
         compute_patch(model, IDS, IDS[:1])
 
 
+def test_a_model_in_training_mode_is_refused():
+    model = tiny_model("gpt2").train()
+    with pytest.raises(ImplicitICLError, match=r"training mode.*call model\.eval\(\)"):
+        compute_patch(model, IDS, IDS[:1])
+
+
 def test_zero_norm_mlp_input_names_the_layer_and_module():
     model = tiny_model("llama", seed=0)
     with torch.no_grad():

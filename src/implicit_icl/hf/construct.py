@@ -99,6 +99,8 @@ def every_position_patches(
 
 def _check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dtype) -> tuple[FamilySpec, str]:
     spec = spec_for(model)
+    if model.training:
+        raise ImplicitICLError("the model is in training mode, where dropout makes two runs differ; call model.eval()")
     if dtype not in ARITHMETIC_DTYPES:
         raise ImplicitICLError(f"patch arithmetic runs in float32 or float64, not {dtype}; pick one of those")
     output = output or spec.default_output
@@ -266,7 +268,7 @@ class _LayerConstruction:
         if self.output == "bias":
             return {f"{spec.mlp_output}.bias": shift}
         norm = self.layer.get_submodule(spec.post_mlp_norm)
-        scale = norm.weight.to(self.dtype) + spec.norm_offset
+        scale = _materialized_weight(norm).to(self.dtype) + spec.norm_offset
         mlp_output, deltas = self.seen["norm_input"], {}
         if self.output == "stable":
             eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
@@ -283,12 +285,29 @@ class _LayerConstruction:
         return deltas
 
 
-def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tensor:
-    """n(m) computed by the norm module itself (its dtype, its float32 upcast), with its scale set to one.
+def _materialized_weight(module: nn.Module) -> Tensor:
+    """The module's weight, also where accelerate offloads it (a meta tensor outside the module's forward)."""
+    if module.weight.device.type != "meta":
+        return module.weight.detach()
+    from accelerate.utils import align_module_device  # only a model accelerate dispatched gets here
 
-    unit_weight: the stored weight that means scale one (1 for w, 0 for Gemma's 1 + w)."""
-    weight = torch.full_like(norm.weight, unit_weight)
-    return torch.func.functional_call(norm, {"weight": weight}, (mlp_output.to(norm.weight.dtype),))
+    with align_module_device(module):
+        return module.weight.detach().clone()
+
+
+def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tensor:
+    """n(m) computed by the norm's own forward (its dtype, its float32 upcast) with its scale set to one.
+
+    unit_weight: the stored weight that means scale one (1 for w, 0 for Gemma's 1 + w). The forward is
+    called directly, so no hook fires (ours would record this call) and accelerate's wrapper, which
+    would load the offloaded weight over ours, is bypassed."""
+    dtype = norm.weight.dtype
+    saved = norm._parameters["weight"]
+    norm._parameters["weight"] = torch.full(saved.shape, unit_weight, dtype=dtype, device=mlp_output.device)
+    try:
+        return getattr(norm, "_old_forward", norm.forward)(mlp_output.to(dtype))
+    finally:
+        norm._parameters["weight"] = saved
 
 
 def _scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
