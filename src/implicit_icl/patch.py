@@ -152,9 +152,15 @@ class Patch:
             batched=self.batched,
             deltas=kinds,
         )
-        _atomic_write(directory / _TENSORS_FILE, lambda path: save_file(tensors, path))
-        _atomic_write(directory / _METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        atomic_write(directory / _TENSORS_FILE, lambda path: save_file(tensors, path))
+        atomic_write(directory / _METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
         return directory
+
+    def to_peft(self, directory: str | os.PathLike, model: nn.Module) -> Path:
+        """Write the rank-1 deltas as a PEFT LoRA adapter (r = 1) for `model`; see implicit_icl.lora."""
+        from implicit_icl.lora import save_lora  # lora builds on this module
+
+        return save_lora(self, directory, model)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Patch:
@@ -298,27 +304,43 @@ def delta_hook(deltas: dict[str, Delta], batched: bool):
             raise ImplicitICLError(
                 f"a batched patch cannot act on {type(module).__name__} through hooks; apply its entries one by one"
             )
-        shifted = {}
-        for attribute, delta in deltas.items():
-            parameter = getattr(module, attribute)
-            change = delta.dense() if isinstance(delta, RankOneUpdate) else per_sequence(delta, parameter)
-            shifted[attribute] = parameter + change.to(parameter)
-        return _forward_with(module, shifted, args)
+        with onloaded(module):
+            shifted = {}
+            for attribute, delta in deltas.items():
+                parameter = getattr(module, attribute)
+                change = delta.dense() if isinstance(delta, RankOneUpdate) else per_sequence(delta, parameter)
+                shifted[attribute] = parameter + change.to(parameter)
+            return forward_with(module, shifted, args)
 
     return hook
 
 
-def _forward_with(module: nn.Module, parameters: dict[str, Tensor], args: tuple):
-    """The module's own forward, bypassing its hooks (this runs inside one), with parameters replaced."""
+@contextmanager
+def onloaded(module: nn.Module) -> Iterator[None]:
+    """The module's own parameters materialised for the block: accelerate keeps offloaded ones on the
+    meta device and loads them only inside the module's forward."""
+    if not any(parameter.device.type == "meta" for parameter in module.parameters(recurse=False)):
+        yield
+        return
+    from accelerate.utils import align_module_device  # only a model accelerate dispatched gets here
+
+    with align_module_device(module):
+        yield
+
+
+def forward_with(module: nn.Module, parameters: dict[str, Tensor], args: tuple):
+    """The module's own forward, bypassing its hooks (this runs inside one), with parameters replaced.
+
+    accelerate wraps `forward` to load offloaded weights over ours; its original is `_old_forward`."""
     saved = {name: module._parameters[name] for name in parameters}
     module._parameters.update(parameters)
     try:
-        return module.forward(*args)
+        return getattr(module, "_old_forward", module.forward)(*args)
     finally:
         module._parameters.update(saved)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename: readers never see half a file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
