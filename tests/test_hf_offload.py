@@ -12,29 +12,33 @@ from transformers import AutoModelForCausalLM
 from implicit_icl.hf import compute_patch, patched_generate, verify_patch
 from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
 
+# Layer 0 stays on the CPU, every later layer is offloaded to disk.
 DEVICE_MAP = {
     "model.embed_tokens": "cpu",
     "model.layers.0": "cpu",
-    "model.layers.1": "disk",
-    "model.layers.2": "disk",
     "model.norm": "cpu",
     "model.rotary_emb": "cpu",
     "lm_head": "cpu",
 }
 
 
-@pytest.fixture(scope="module")
-def dispatched(tmp_path_factory):
-    root = tmp_path_factory.mktemp("offload")
-    tiny_model("llama", variant="tied", seed=1).save_pretrained(root / "model")
+def _dispatch(root, family: str, variant: str | None = None):
+    tiny_model(family, variant=variant, seed=1).save_pretrained(root / "model")
+    layers = tiny_model(family, variant=variant).config.num_hidden_layers
+    device_map = {**DEVICE_MAP, **{f"model.layers.{i}": "disk" for i in range(1, layers)}}
     model = AutoModelForCausalLM.from_pretrained(
         root / "model",
-        device_map=DEVICE_MAP,
+        device_map=device_map,
         offload_folder=root / "offload",
         dtype=torch.float64,
         attn_implementation="eager",
     )
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def dispatched(tmp_path_factory):
+    return _dispatch(tmp_path_factory.mktemp("offload"), "llama", "tied")
 
 
 def _placement(model) -> dict:
@@ -73,3 +77,17 @@ def test_patched_generation_on_an_offloaded_model(dispatched):
     ids = torch.randint(0, VOCAB_SIZE, (12,), generator=torch.Generator().manual_seed(1))
     generation = patched_generate(dispatched, ids[:-1], ids[-1:], max_new_tokens=8, dtype=torch.float64)
     assert generation.agreement == 1.0
+
+
+@pytest.mark.parametrize("output", ["stable", "norm"])
+def test_post_norm_scale_patch_on_an_offloaded_layer(tmp_path, output):
+    """The post-norm scale of an offloaded layer is read and patched while accelerate holds it on disk."""
+    model = _dispatch(tmp_path, "olmo2")
+    assert model.model.layers[1].post_feedforward_layernorm.weight.device.type == "meta"
+    ids = torch.randint(0, VOCAB_SIZE, (20,), generator=torch.Generator().manual_seed(2))
+    before = _logits(model, ids)
+    patch = compute_patch(model, ids[:-1], ids[-1:], output=output)
+    verification = verify_patch(model, ids[:-1], ids[-1:], patch)
+    assert verification.max_abs_logit_diff <= 1e-9 and max(verification.layer_max_abs_diffs) <= 1e-9
+    assert verification.baseline_max_abs_logit_diff > 0.1
+    assert torch.equal(_logits(model, ids), before)

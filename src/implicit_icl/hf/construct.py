@@ -38,7 +38,7 @@ from implicit_icl.hf.capture import (
 from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_length, patch_input
 from implicit_icl.hf.moe import ExpertsConstruction
 from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, spec_for
-from implicit_icl.patch import Delta, Patch, delta_hook, hooks_applied, weights_applied
+from implicit_icl.patch import Delta, Patch, delta_hook, forward_with, hooks_applied, onloaded, weights_applied
 from implicit_icl.theory import RankOneUpdate, output_rank_one, stable_norm_scale_patch
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
@@ -268,7 +268,8 @@ class _LayerConstruction:
         if self.output == "bias":
             return {f"{spec.mlp_output}.bias": shift}
         norm = self.layer.get_submodule(spec.post_mlp_norm)
-        scale = _materialized_weight(norm).to(self.dtype) + spec.norm_offset
+        with onloaded(norm):
+            scale = norm.weight.to(self.dtype) + spec.norm_offset
         mlp_output, deltas = self.seen["norm_input"], {}
         if self.output == "stable":
             eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
@@ -285,29 +286,15 @@ class _LayerConstruction:
         return deltas
 
 
-def _materialized_weight(module: nn.Module) -> Tensor:
-    """The module's weight, also where accelerate offloads it (a meta tensor outside the module's forward)."""
-    if module.weight.device.type != "meta":
-        return module.weight.detach()
-    from accelerate.utils import align_module_device  # only a model accelerate dispatched gets here
-
-    with align_module_device(module):
-        return module.weight.detach().clone()
-
-
 def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tensor:
     """n(m) computed by the norm's own forward (its dtype, its float32 upcast) with its scale set to one.
 
     unit_weight: the stored weight that means scale one (1 for w, 0 for Gemma's 1 + w). The forward is
-    called directly, so no hook fires (ours would record this call) and accelerate's wrapper, which
-    would load the offloaded weight over ours, is bypassed."""
+    called directly, so no hook fires (ours would record this call)."""
     dtype = norm.weight.dtype
-    saved = norm._parameters["weight"]
-    norm._parameters["weight"] = torch.full(saved.shape, unit_weight, dtype=dtype, device=mlp_output.device)
-    try:
-        return getattr(norm, "_old_forward", norm.forward)(mlp_output.to(dtype))
-    finally:
-        norm._parameters["weight"] = saved
+    weight = torch.full(norm.weight.shape, unit_weight, dtype=dtype, device=mlp_output.device)
+    with onloaded(norm):
+        return forward_with(norm, {"weight": weight}, (mlp_output.to(dtype),))
 
 
 def _scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
