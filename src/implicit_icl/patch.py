@@ -152,9 +152,15 @@ class Patch:
             batched=self.batched,
             deltas=kinds,
         )
-        _atomic_write(directory / _TENSORS_FILE, lambda path: save_file(tensors, path))
-        _atomic_write(directory / _METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        atomic_write(directory / _TENSORS_FILE, lambda path: save_file(tensors, path))
+        atomic_write(directory / _METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
         return directory
+
+    def to_peft(self, directory: str | os.PathLike, model: nn.Module) -> Path:
+        """Write the rank-1 deltas as a PEFT LoRA adapter (r = 1) for `model`; see implicit_icl.lora."""
+        from implicit_icl.lora import save_lora  # lora builds on this module
+
+        return save_lora(self, directory, model)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Patch:
@@ -334,7 +340,7 @@ def forward_with(module: nn.Module, parameters: dict[str, Tensor], args: tuple):
         module._parameters.update(saved)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same directory, then rename: readers never see half a file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
