@@ -69,6 +69,16 @@ def test_patch_in_float64_with_a_dropped_span_saves_what_it_reports(saved, tmp_p
     assert [row["norm"] for row in report["changes"]] == pytest.approx([row["norm"] for row in patch.summary()])
 
 
+def test_patch_exports_a_peft_adapter(saved, tmp_path):
+    arguments = ["--context-ids", CONTEXT, "--query-ids", "7", "--peft", str(tmp_path / "adapter")]
+    report = _run("patch", "--model", str(saved["llama"]), *arguments)
+    assert report["peft_adapter"] == str(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 1 and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    result = runner.invoke(app, ["patch", "--model", str(saved["gemma2"]), *arguments])
+    assert result.exit_code == 2 and "LoRA cannot" in result.stderr  # a norm-scale shift has no LoRA form
+
+
 def test_generate_agrees_token_for_token(saved):
     report = _run("generate", "--model", str(saved["llama"]), "--context-ids", CONTEXT, "--query-ids", "7")
     assert len(report["tokens_with_context"]) == len(report["tokens_patched"]) == 32

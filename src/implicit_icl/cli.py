@@ -89,6 +89,7 @@ def patch(
     arithmetic: str = typer.Option("float64", help="patch arithmetic: float32 or float64"),
     output: str | None = typer.Option(None, help="output side: down, bias, norm or stable (default: the family's)"),
     save: Path | None = typer.Option(None, help="save the patch (safetensors + JSON) into this folder"),
+    peft: Path | None = typer.Option(None, help="also write it as a PEFT LoRA adapter (rank 1) into this folder"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """The exact weight patch that makes the model without the context act as with it, checked."""
@@ -98,7 +99,8 @@ def patch(
         loaded = load_model(model, dtype)
         context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
         query_tokens = token_ids(loaded, "query", query, None, query_ids)
-        result = patch_report(loaded, context_tokens, query_tokens, parse_drop(drop), arithmetic, output, save)
+        drop_span = parse_drop(drop)
+        result = patch_report(loaded, context_tokens, query_tokens, drop_span, arithmetic, output, save, peft)
     except ImplicitICLError as error:
         fail(error)
     if as_json:

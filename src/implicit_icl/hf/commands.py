@@ -112,8 +112,10 @@ def patch_report(
     arithmetic: str = "float64",
     output: str | None = None,
     save: Path | None = None,
+    peft: Path | None = None,
 ) -> dict:
-    """Compute the exact patch, verify it against the context-ful model, optionally save it."""
+    """Compute the exact patch, verify it against the context-ful model, optionally save it (our format
+    and/or a PEFT LoRA adapter)."""
     if arithmetic not in ARITHMETIC_DTYPES:
         raise ImplicitICLError(f"unknown --arithmetic {arithmetic!r}; choose float32 or float64")
     model = loaded.model
@@ -123,6 +125,8 @@ def patch_report(
     verification = verify_patch(model, context, query, patch)
     if save is not None:
         patch.save(save)
+    if peft is not None:
+        patch.to_peft(peft, model)
     return dict(
         family=patch.family,
         n_layers=patch.n_layers,
@@ -137,6 +141,7 @@ def patch_report(
         changes=patch.summary(),
         seconds=seconds,
         saved_to=str(save) if save is not None else None,
+        peft_adapter=str(peft) if peft is not None else None,
     )
 
 
