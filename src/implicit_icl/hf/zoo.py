@@ -34,18 +34,29 @@ from implicit_icl.errors import ImplicitICLError
 VOCAB_SIZE = 97
 MAX_POSITIONS = 128
 
-# Sizes shared by the Llama-like families: odd width, a non-square MLP, grouped-query attention.
-_GQA = dict(
+# Sizes shared by the Llama-like families: odd width, a non-square MLP; grouped-query attention where the
+# family has it (6 query heads sharing 2 key/value heads).
+_SIZES = dict(
     vocab_size=VOCAB_SIZE,
     hidden_size=36,
     intermediate_size=50,
     num_hidden_layers=2,
     num_attention_heads=6,
-    num_key_value_heads=2,
     max_position_embeddings=MAX_POSITIONS,
 )
+_GQA = dict(_SIZES, num_key_value_heads=2)
 # Gemma-like families set head_dim apart from hidden / heads, as the real checkpoints do.
 _GEMMA = dict(_GQA, head_dim=8, num_hidden_layers=3)
+# Partial rotary embeddings (GPT-NeoX, Phi) on head_dim 12: 6 rotated dimensions.
+_PARTIAL_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+_FALCON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=36,
+    ffn_hidden_size=50,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    max_position_embeddings=MAX_POSITIONS,
+)
 
 # family -> variant -> config keyword arguments; the first variant of each family is its default.
 FAMILY_CONFIGS: dict[str, dict[str, dict]] = {
@@ -62,18 +73,13 @@ FAMILY_CONFIGS: dict[str, dict[str, dict]] = {
         ),
     },
     "gpt_neox": {
-        "parallel": dict(
-            _GQA,
-            num_attention_heads=3,
-            use_parallel_residual=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
-        ),
+        "parallel": dict(_SIZES, num_attention_heads=3, use_parallel_residual=True, rope_parameters=_PARTIAL_ROPE),
         "sequential": dict(
-            _GQA,
+            _SIZES,
             num_attention_heads=3,
             use_parallel_residual=False,
             tie_word_embeddings=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            rope_parameters=_PARTIAL_ROPE,
         ),
     },
     "llama": {
@@ -105,54 +111,22 @@ FAMILY_CONFIGS: dict[str, dict[str, dict]] = {
     "olmo2": {"default": dict(_GQA, tie_word_embeddings=False)},
     "phi": {
         "default": dict(
-            _GQA,
-            num_attention_heads=3,
-            num_key_value_heads=3,
-            tie_word_embeddings=False,
-            qk_layernorm=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            _SIZES, num_attention_heads=3, tie_word_embeddings=False, qk_layernorm=True, rope_parameters=_PARTIAL_ROPE
         ),
     },
     "phi3": {"default": dict(_GQA, tie_word_embeddings=False)},
     "falcon": {
         # Falcon-40B/180B layout: grouped key/values and separate ln_attn / ln_mlp before the parallel branches.
-        "new": dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=36,
-            ffn_hidden_size=50,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            num_kv_heads=2,
-            new_decoder_architecture=True,
-            num_ln_in_parallel_attn=2,
-            bias=False,
-            max_position_embeddings=MAX_POSITIONS,
-        ),
+        "new": dict(_FALCON, num_kv_heads=2, new_decoder_architecture=True, num_ln_in_parallel_attn=2, bias=False),
         # Falcon-7B layout: one key/value head, one input_layernorm shared by the parallel branches, biases.
-        "old": dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=36,
-            ffn_hidden_size=50,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            multi_query=True,
-            new_decoder_architecture=False,
-            parallel_attn=True,
-            bias=True,
-            max_position_embeddings=MAX_POSITIONS,
-        ),
+        "old": dict(_FALCON, multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=True),
         # Sequential Falcon (parallel_attn off): input_layernorm, attention, post_attention_layernorm, MLP.
         "sequential": dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=36,
-            ffn_hidden_size=50,
-            num_hidden_layers=2,
-            num_attention_heads=6,
+            _FALCON,
             multi_query=False,
             new_decoder_architecture=False,
             parallel_attn=False,
             bias=True,
-            max_position_embeddings=MAX_POSITIONS,
             tie_word_embeddings=False,
         ),
     },
@@ -166,16 +140,7 @@ FAMILY_CONFIGS: dict[str, dict[str, dict]] = {
         ),
     },
     "bert": {
-        "default": dict(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=36,
-            intermediate_size=50,
-            num_hidden_layers=2,
-            num_attention_heads=6,
-            max_position_embeddings=MAX_POSITIONS,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        ),
+        "default": dict(_SIZES, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
     },
 }
 
@@ -189,7 +154,7 @@ _PERTURBATION_STD = 0.2
 
 
 def tiny_config(family: str, variant: str | None = None):
-    """The `PretrainedConfig` of a zoo model, eager attention and no dropout."""
+    """The `PretrainedConfig` of a zoo model (the family's first variant by default)."""
     if family not in FAMILY_CONFIGS:
         raise ImplicitICLError(f"no tiny model for family {family!r}; choose one of {', '.join(FAMILIES)}")
     variants = FAMILY_CONFIGS[family]
