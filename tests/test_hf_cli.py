@@ -108,6 +108,12 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(saved, arguments, message):
     assert message in result.stderr.splitlines()[-1] and result.stdout == ""
 
 
+def test_an_encoder_does_not_generate(saved):
+    arguments = ["--model", str(saved["bert"]), "--context-ids", CONTEXT, "--query-ids", "7"]
+    result = runner.invoke(app, ["generate", *arguments])
+    assert result.exit_code == 2 and "does not generate" in result.stderr
+
+
 def test_unknown_family_and_missing_model_are_refused(saved, tmp_path):
     result = runner.invoke(app, ["patch", "--model", str(saved["opt"]), "--context-ids", "1 2", "--query-ids", "3"])
     assert result.exit_code == 2 and "unsupported model family 'opt'" in result.stderr

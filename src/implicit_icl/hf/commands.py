@@ -21,7 +21,6 @@ from implicit_icl.hf.verify import verify_patch
 
 MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 ARITHMETIC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-ENCODER_TYPES = frozenset({"bert"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,9 @@ def load_model(name: str, dtype: str) -> LoadedModel:
             f"cannot load a model from {name!r} ({str(error).splitlines()[0]}); give a local directory holding "
             "config.json and the weights, or a hub name that is cached"
         ) from None
-    auto = AutoModel if config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+    # A causal LM loads with its head; anything else (an encoder such as BERT) as the bare model.
+    causal = any(name.endswith("ForCausalLM") for name in config.architectures or ["ForCausalLM"])
+    auto = AutoModelForCausalLM if causal else AutoModel
     try:
         model = auto.from_pretrained(name, dtype=MODEL_DTYPES[dtype], attn_implementation="eager")
     except (OSError, ValueError) as error:
@@ -156,8 +157,8 @@ def generate_report(
     """Greedy generation with the context and without it under per-token patches."""
     if arithmetic not in ARITHMETIC_DTYPES:
         raise ImplicitICLError(f"unknown --arithmetic {arithmetic!r}; choose float32 or float64")
-    if loaded.model.config.model_type in ENCODER_TYPES:
-        raise ImplicitICLError(f"{loaded.model.config.model_type} is an encoder and does not generate; use a decoder")
+    if not loaded.model.can_generate():
+        raise ImplicitICLError(f"{loaded.name} has no language-model head and does not generate; use a decoder")
     generation = patched_generate(
         loaded.model, context, query, max_new_tokens, output=output, dtype=ARITHMETIC_DTYPES[arithmetic], progress=True
     )
