@@ -13,6 +13,7 @@ from implicit_icl.errors import ImplicitICLError
 from implicit_icl.report import write_json, write_report
 from implicit_icl.toy import figures
 from implicit_icl.toy.model import ToyConfig
+from implicit_icl.toy.progress import progress_bar
 from implicit_icl.toy.statistics import bootstrap
 from implicit_icl.toy.study import (
     StudyConfig,
@@ -52,12 +53,18 @@ def reproduce(out: Path, quick: bool = False, seed: int = 0) -> dict:
 def run_study(trained: TrainedModel, study: StudyConfig, out: Path) -> dict:
     """Every experiment on `trained`; writes the figures, index.html and metrics.json under `out`."""
     sets = evaluation_sets(trained, study)
-    rows = checkpoint_agreement(trained, sets.test)
-    errors = error_curves(trained, sets, study)
+    with progress_bar() as bar:
+        stage = bar.add_task("(a) prompt vs patch at every checkpoint", total=4)
+        rows = checkpoint_agreement(trained, sets.test)
+        bar.update(stage, advance=1, description="error vs k, model and baselines")
+        errors = error_curves(trained, sets, study)
+        bar.update(stage, advance=1, description="rank of ΔW, gradient-descent identity")
+        checks = exactness(trained, sets, study)
+        bar.update(stage, advance=1, description="(b)-(d) dynamics, fine-tuning, alignment, controls")
+        results = dynamics(trained.final(), trained.model_at(0), sets, study)
+        bar.advance(stage)
     generator = torch.Generator().manual_seed(study.seed)
     curves = {name: bootstrap(values, generator) for name, values in errors.items()}
-    checks = exactness(trained, sets, study)
-    results = dynamics(trained.final(), trained.model_at(0), sets, study)
     n_test = sets.test.size
     floor = curves["least squares"].mean[1:].mean().item() * trained.config.dim
     report_figures = [

@@ -53,7 +53,9 @@ class TrainedModel:
 
     def model_at(self, step: int, dtype: torch.dtype = torch.float32) -> ToyTransformer:
         model = ToyTransformer(self.config)
-        model.load_state_dict(self.checkpoints[step])
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                parameter.copy_(self.checkpoints[step][name])
         return model.to(dtype).eval()
 
     def final(self, dtype: torch.dtype = torch.float32) -> ToyTransformer:
@@ -109,7 +111,8 @@ def _rate_factor(step: int, train: TrainConfig) -> float:
 
 
 def _snapshot(model: ToyTransformer) -> dict[str, Tensor]:
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """The parameters, each once (the block's `first_layer` is the MLP's first layer, not a copy)."""
+    return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
 
 def save_trained(trained: TrainedModel, path: Path, command: str = "") -> None:
