@@ -22,7 +22,8 @@ POST_NORM = {"gemma2", "gemma3_text", "olmo2"}
 # HF computes Gemma's norms in float32 even in a float64 model, and Gemma 2/3 also multiply by (1 + w)
 # in float32, so their post-norm output (the only place δ can be added) holds float32 precision: 1e-5
 # is that floor after three layers (the float64 model and the same model with float64 norms differ by
-# ~1e-6). OLMo 2 multiplies its scale in the model's dtype, so it stays float64-exact.
+# ~1e-6; with float64 norms the patch is float64-exact, see test_gemma_float64_floor_is_hfs_float32_norm).
+# OLMo 2 multiplies its scale in the model's dtype, so it stays float64-exact.
 FLOAT64_TOLERANCE = {"gemma2": 1e-5, "gemma3_text": 1e-5}
 
 
@@ -96,6 +97,19 @@ def test_post_norm_families_patch_the_norm_scale(family):
     assert not any(name.endswith("down_proj.weight") for name in elementwise.deltas)
     with pytest.raises(ImplicitICLError, match="norm"):
         compute_patch(model, ids[:-1], ids[-1:], output="down")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_float64_floor_is_hfs_float32_norm(family, monkeypatch):
+    """With Gemma's RMSNorm computing in the model's dtype instead of float32, the same patch construction
+    is float64-exact: the 1e-5 tolerance above is HF's arithmetic, not an error of the patch."""
+    norm_class = type(tiny_model(family).model.norm)
+    monkeypatch.setattr(norm_class, "forward", lambda self, x: self._norm(x) * (1.0 + self.weight))
+    model = tiny_model(family, seed=1)
+    ids = _ids(33, 4)
+    for output in ("stable", "norm"):
+        patch = compute_patch(model, ids[:-1], ids[-1:], output=output)
+        _assert_exact(verify_patch(model, ids[:-1], ids[-1:], patch), 1e-9)
 
 
 def test_stable_variant_reaches_what_the_elementwise_scale_cannot():
