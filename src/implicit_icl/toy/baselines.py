@@ -68,11 +68,12 @@ def gd_one_step(inputs: Tensor, labels: Tensor, query: Tensor, noise: float = 0.
 
 
 def all_baselines(noise: float) -> dict:
-    """Name -> estimator(inputs, labels, query), in the order the figures list them."""
-    return {
-        "zero": zero,
-        "least squares": least_squares,
-        f"ridge (λ = σ² = {noise**2:g})": lambda x, y, q: ridge(x, y, q, noise**2),
+    """Name -> estimator(inputs, labels, query), in the order the figures list them. Ridge with λ = σ² is
+    listed only with label noise: without it, it is least squares."""
+    estimators = {"zero": zero, "least squares": least_squares}
+    if noise > 0:
+        estimators[f"ridge (λ = σ² = {noise**2:g})"] = lambda x, y, q: ridge(x, y, q, noise**2)
+    return estimators | {
         "averaging": averaging,
         "3-NN": nearest_neighbours,
         "one GD step (best η)": lambda x, y, q: gd_one_step(x, y, q, noise),

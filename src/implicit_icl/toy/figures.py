@@ -8,7 +8,9 @@ from implicit_icl.report import Curve, ReportFigure, plot_curves
 from implicit_icl.toy.statistics import Estimate
 
 
-def _curve(label: str, x: list[float], estimate: Estimate, style: str = "-") -> Curve:
+def _curve(label: str, x: list[float], estimate: Estimate, style: str = "-", band: bool = True) -> Curve:
+    if not band:
+        return Curve(label, x, estimate.mean.tolist(), style=style)
     return Curve(label, x, estimate.mean.tolist(), estimate.low.tolist(), estimate.high.tolist(), style)
 
 
@@ -57,8 +59,9 @@ def agreement_figure(out: Path, rows: list[dict], n_prompts: int) -> ReportFigur
 
 def error_figure(out: Path, curves: dict[str, Estimate]) -> ReportFigure:
     ks = list(range(len(curves["model"].mean)))
-    styles = {"model": "k-"}
-    lines = [_curve(name, ks, est, styles.get(name, "--")) for name, est in curves.items()]
+    lines = [
+        _curve(name, ks, est, "k-" if name == "model" else "--", band=name == "model") for name, est in curves.items()
+    ]
     plot_curves(
         out / "error_vs_k", lines, "examples in the prompt k", "error / d", "Error vs number of examples", ylim=(0, 1.3)
     )
@@ -66,8 +69,9 @@ def error_figure(out: Path, curves: dict[str, Estimate]) -> ReportFigure:
     return ReportFigure(
         "error_vs_k.png",
         f"Squared error of y_q divided by d against the number k of examples before the query, for the "
-        f"trained model and the baselines, mean over {n} test prompts with bootstrap 95% bands. The model "
-        "should fall below averaging and never below least squares (Bayes-optimal without noise).",
+        f"trained model and the baselines (EXPERIMENTS.md §3), mean over {n} test prompts; the band is the "
+        "model's bootstrap 95% interval. The model should fall below averaging and never below least squares "
+        "(Bayes-optimal without noise).",
     )
 
 
@@ -86,7 +90,9 @@ def increments_figure(out: Path, increments: dict[str, Estimate]) -> ReportFigur
         "increments.png",
         f"(b) Norm of the increments of the implicit update as the context is consumed one token at a time, "
         f"mean over {n} test prompts with bootstrap 95% bands, for the trained model and the two negative "
-        "controls: the same model before training and the trained model on prompts with shuffled labels.",
+        "controls: the same model before training and the trained model on prompts with shuffled labels. "
+        "A decrease that the controls show as well is a property of attention averaging over more tokens, "
+        "not of what training learned.",
     )
 
 

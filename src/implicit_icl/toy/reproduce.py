@@ -94,6 +94,9 @@ def run_study(trained: TrainedModel, study: StudyConfig, out: Path) -> dict:
         "checkpoints": rows,
         "error_over_d": {"k": list(range(len(curves["model"].mean)))} | {n: e.to_dict() for n, e in curves.items()},
         "increment_norms": {name: estimate.to_dict() for name, estimate in results["increments"].items()},
+        "increment_last_over_first": {
+            name: (estimate.mean[-1] / estimate.mean[0]).item() for name, estimate in results["increments"].items()
+        },
         "finetune": {
             "sgd_step_size": results["step_size"],
             "sgd_step_size_rule": SGD_RULE,
