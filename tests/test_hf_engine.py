@@ -121,3 +121,23 @@ def test_readme_hf_example_runs():
     with contextlib.redirect_stdout(printed):
         exec(compile(block, "README.md", "exec"), {})
     assert float(printed.getvalue().split()[-1]) < 1e-12
+
+
+def test_one_token_reduced_pass_recomputes_only_what_the_patch_needs(monkeypatch):
+    """Per layer the context-ful pass runs all 7 matrices; the reduced pass then runs only o_proj (the
+    attention output of the token alone) and gate/up (u = W (z_C − z) needs W z): q/k/v and down_proj
+    are replayed from the context-ful pass."""
+    model = tiny_model("llama", seed=0)
+    called = []
+    linear_forward = torch.nn.Linear.forward
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.model.layers[0].named_modules()}
+
+    def counting_forward(module, x):
+        called.append(names.get(module))
+        return linear_forward(module, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting_forward)
+    every_position_patches(model, _ids(10, 0))
+    assert sorted(name for name in called if name) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "o_proj", "gate_proj", "up_proj"]
+    )

@@ -49,6 +49,30 @@ def hooked(handles: list) -> Iterator[None]:
             handle.remove()
 
 
+@contextmanager
+def replayed(outputs: dict[nn.Module, object]) -> Iterator[None]:
+    """Modules return the given outputs instead of computing them; their hooks still run.
+
+    For a one-token reduced pass whose layer inputs are the context-ful ones: a module that reads only
+    the layer input at its own position (a q/k/v projection) would compute its context-ful output again."""
+    saved = {module: module.__dict__.get("forward") for module in outputs}  # accelerate wraps forward too
+    try:
+        for module, output in outputs.items():
+            module.forward = lambda *args, _output=output, **kwargs: _fresh(_output)
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _fresh(output: object) -> object:
+    """A copy of a replayed tensor, since some models add to a module's output in place (Falcon)."""
+    return output.clone() if isinstance(output, Tensor) else output
+
+
 def run_model(model: PreTrainedModel, input_ids: Tensor, position_ids: Tensor) -> Tensor | None:
     """The model's output (logits, or the last hidden state of an encoder) for input_ids [batch, T] at
     absolute positions position_ids [batch, T]; None when a hook stopped the run after the last layer.
@@ -75,22 +99,30 @@ class ContextStates:
     layer_inputs[l]: the hidden states entering layer l.
     residual_sums[l]: where the block output is compared (the layer output, or the input of the spec's
         `residual_sum` module).
-    mlp_input_outputs[l]: output of every MLP input matrix, by its path inside the layer.
+    outputs[l]: outputs of modules inside the layer, by path: every MLP input matrix, and with `replay`
+        the attention input projections and the MLP output matrix too.
     experts[l]: for a mixture of experts, the router's "input", "logits", "scores" and "indices" and the
         experts' "output" (see hf/moe.py); empty otherwise.
     """
 
     layer_inputs: list[Tensor]
     residual_sums: list[Tensor]
-    mlp_input_outputs: list[dict[str, Tensor]]
+    outputs: list[dict[str, Tensor]]
     experts: list[dict[str, Tensor]]
 
 
 @torch.no_grad()
 def record_context(
-    model: PreTrainedModel, spec: FamilySpec, input_ids: Tensor, position_ids: Tensor, positions: Sequence[int]
+    model: PreTrainedModel,
+    spec: FamilySpec,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    positions: Sequence[int],
+    replay: bool = False,
 ) -> ContextStates:
-    """One context-ful forward pass of input_ids [1, T], read at `positions`; stops after the last layer."""
+    """One context-ful forward pass of input_ids [1, T], read at `positions`; stops after the last layer.
+
+    replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`)."""
     layers = layers_of(model, spec)
     n_layers = len(layers)
     index = torch.as_tensor(list(positions), device=model_device(model))
@@ -98,11 +130,11 @@ def record_context(
         [None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
     )
 
-    def at_positions(tensor: Tensor) -> Tensor:
-        return tensor[0].index_select(0, index.to(tensor.device))
-
     def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the sequence flattened to [T, ...]
-        return tensor.index_select(0, index.to(tensor.device))
+        return tensor.index_select(0, index.to(tensor.device))  # a copy: models add to some outputs in place
+
+    def at_positions(tensor: Tensor) -> Tensor:
+        return at_rows(tensor[0])
 
     def record_input(layer: int):
         def hook(module, args, kwargs):
@@ -127,7 +159,7 @@ def record_context(
 
     def record_matrix(layer: int, path: str):
         def hook(module, args, output):
-            states.mlp_input_outputs[layer][path] = at_positions(output)
+            states.outputs[layer][path] = at_positions(output)
 
         return hook
 
@@ -155,7 +187,10 @@ def record_context(
         handles.append(module.register_forward_hook(record_output(layer)))
         if spec.residual_sum is not None:
             handles.append(module.get_submodule(spec.residual_sum).register_forward_pre_hook(record_sum(layer)))
-        for path in spec.mlp_inputs:
+        recorded = spec.mlp_inputs
+        if replay:
+            recorded += spec.attention_inputs + ((spec.mlp_output,) if spec.mlp_output else ())
+        for path in recorded:
             handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
     with hooked(handles):
         run_model(model, input_ids, position_ids)

@@ -32,6 +32,7 @@ from implicit_icl.hf.capture import (
     layers_of,
     model_device,
     record_context,
+    replayed,
     run_model,
     with_hidden_argument,
 )
@@ -66,11 +67,11 @@ def compute_patch(
     device = model_device(model)
     full = inputs.full.to(device)
     query_position = full.numel() - 1
-    states = record_context(model, spec, full[None], torch.arange(full.numel(), device=device)[None], [query_position])
     kept = inputs.kept.to(device)
-    deltas = _chain(
-        model, spec, states, full[kept][None], kept[None], output, dtype, feed_context_inputs=kept.numel() == 1
-    )
+    alone = kept.numel() == 1
+    positions = torch.arange(full.numel(), device=device)[None]
+    states = record_context(model, spec, full[None], positions, [query_position], replay=alone)
+    deltas = _chain(model, spec, states, full[kept][None], kept[None], output, dtype, feed_context_inputs=alone)
     return _patch(model, spec, deltas, output, dtype, (query_position,), inputs)[0]  # the one reduced sequence
 
 
@@ -92,7 +93,7 @@ def every_position_patches(
     device = model_device(model)
     ids = ids.to(device)
     positions = torch.arange(ids.numel(), device=device)
-    states = record_context(model, spec, ids[None], positions[None], positions.tolist())
+    states = record_context(model, spec, ids[None], positions[None], positions.tolist(), replay=True)
     deltas = _chain(model, spec, states, ids[:, None], positions[:, None], output, dtype, feed_context_inputs=True)
     return _patch(model, spec, deltas, output, dtype, tuple(positions.tolist()), None)
 
@@ -148,7 +149,11 @@ def _chain(
         for index, layer in enumerate(layers)
     ]
     handles = [handle for construction in constructions for handle in construction.register()]
-    with hooked(handles):
+    replay = {}
+    if feed_context_inputs:
+        for construction in constructions:
+            replay.update(construction.replay_outputs())
+    with hooked(handles), replayed(replay):
         run_model(model, input_ids, position_ids)
     return {
         f"{spec.layers}.{construction.index}.{name}": delta
@@ -173,7 +178,13 @@ class _LayerConstruction:
         if spec.experts is not None:
             experts_states = states.experts[index]
             self.experts = ExpertsConstruction(
-                layer, spec.router, spec.experts, experts_states, self.deltas, dtype, substitute=feed_context_inputs
+                layer,
+                spec.router,
+                spec.experts,
+                experts_states,
+                self.deltas,
+                dtype,
+                other_tokens=not feed_context_inputs,
             )
 
     def register(self) -> list:
@@ -195,6 +206,17 @@ class _LayerConstruction:
             summed = layer.get_submodule(spec.residual_sum)
             handles.append(summed.register_forward_hook(self._record("residual_sum", None)))
         return handles
+
+    def replay_outputs(self) -> dict[nn.Module, object]:
+        """Modules whose context-ful outputs a one-token reduced pass replays (capture.replayed): the
+        attention's input projections (they read the context-ful layer input) and the MLP's output side
+        (once the input side is patched, it reads the context-ful activation)."""
+        outputs, spec = self.states.outputs[self.index], self.spec
+        paths = spec.attention_inputs + ((spec.mlp_output,) if spec.mlp_output else ())
+        replay = {self.layer.get_submodule(path): outputs[path][:, None] for path in paths}  # [N, 1, out]
+        if self.experts is not None:
+            replay.update(self.experts.replay_outputs())  # MoE modules see rows [N, ...]
+        return replay
 
     def _query(self, tensor: Tensor) -> Tensor:
         return tensor[:, -1].to(self.dtype)
@@ -225,8 +247,12 @@ class _LayerConstruction:
                     squared = safe_squared_norm("the MLP input z without context", z)
                 except ImplicitICLError as error:
                     raise ImplicitICLError(f"layer {self.index}, {path}: {error}") from None
-                context_output = self.states.mlp_input_outputs[self.index][path].to(self.dtype)
-                self.deltas[name] = RankOneUpdate(context_output - self._query(output), z / squared[:, None])
+                context_output = self.states.outputs[self.index][path]
+                self.deltas[name] = RankOneUpdate(
+                    context_output.to(self.dtype) - self._query(output), z / squared[:, None]
+                )
+            if self.feed_context_inputs:  # every reduced token is a patched one: (W + ΔW) z = W z_C
+                return self.states.outputs[self.index][path][:, None]
             return delta_hook({"weight": self.deltas[name]}, batched=True)(module, args, output)
 
         return hook

@@ -10,8 +10,8 @@ Output side: each picked expert's down matrix gets (δ / Σ_k p_k) a_k^T/||a_k||
 Experts the context did not pick get zero factors, so the deltas keep the stacked [E, ...] shape.
 
 Nothing here can be added through an output hook (the router's top-k and the experts' loop sit inside
-their forward), so a removed span is handled with the deltas in the weights, in place, and a one-token
-reduced input gets the context-ful router and expert outputs directly.
+their forward), so a removed span is handled with the deltas in the weights, in place; a one-token
+reduced pass replays the context-ful router and expert outputs instead (see `replay_outputs`).
 """
 
 from __future__ import annotations
@@ -31,32 +31,30 @@ class ExpertsConstruction:
 
     context: this layer's context-ful states at the N patched tokens ("input" z_C [N, H], the router's
     "logits", "scores" [N, k] and "indices" [N, k], the experts' "output" [N, H]); deltas: the layer's
-    delta dict, filled in place; substitute: whether every reduced token is a patched one (one-token
-    sequences), so that router and expert outputs can be replaced by the context-ful ones."""
+    delta dict, filled in place; other_tokens: whether the reduced input holds tokens besides the patched
+    ones, which must then see the patched block (in place in the weights while it runs)."""
 
-    def __init__(self, layer: nn.Module, router: str, experts: str, context, deltas, dtype, substitute: bool):
+    def __init__(self, layer: nn.Module, router: str, experts: str, context, deltas, dtype, other_tokens: bool):
         self.router_path, self.experts_path = router, experts
         self.router, self.experts = layer.get_submodule(router), layer.get_submodule(experts)
         self.block = layer.get_submodule(router.rsplit(".", 1)[0])
         self.layer, self.context, self.deltas = layer, context, deltas
-        self.dtype, self.substitute = dtype, substitute
+        self.dtype, self.other_tokens = dtype, other_tokens
         self._applied = ExitStack()
 
     def register(self) -> list:
-        handles = [
+        return [
             self.block.register_forward_pre_hook(self._input_side),
             self.block.register_forward_hook(lambda module, args, output: self._applied.close()),
         ]
-        if self.substitute:
-            handles.append(self.router.register_forward_hook(lambda module, args, output: self._router_output()))
-            handles.append(self.experts.register_forward_hook(lambda module, args, output: self._experts_output()))
-        return handles
 
-    def _router_output(self) -> tuple:
-        return self.context["logits"], self.context["scores"], self.context["indices"]
-
-    def _experts_output(self) -> Tensor:
-        return self.context["output"]
+    def replay_outputs(self) -> dict[nn.Module, object]:
+        """What router and experts give the patched tokens: their context-ful outputs (rows [N, ...])."""
+        context = self.context
+        return {
+            self.router: (context["logits"], context["scores"], context["indices"]),
+            self.experts: context["output"],
+        }
 
     def _input_side(self, module, args) -> None:
         """Before the block runs: the input-side deltas from the reduced input z at the patched token."""
@@ -77,7 +75,7 @@ class ExpertsConstruction:
             ),
         }
         self.deltas.update(input_deltas)
-        if not self.substitute:  # the other reduced tokens see the patched block too
+        if self.other_tokens:
             unbatched = {name: delta[0] for name, delta in input_deltas.items()}
             self._applied.enter_context(weights_applied(self.layer, unbatched, batched=False))
 

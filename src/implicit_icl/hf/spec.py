@@ -21,6 +21,9 @@ paths are relative to one decoder layer unless said otherwise):
 - `router`, `experts`: for a mixture of experts, the router and the fused experts module (parameters
   gate_up_proj [E, 2I, H] and down_proj [E, H, I]); `mlp_inputs` is then empty and `mlp_output` None,
   and hf/moe.py builds that part of the patch.
+- `attention_inputs`: the projections the attention reads the layer input with (q/k/v or a fused qkv).
+  Speed only: in a one-token reduced pass their input is the context-ful one, so the engine replays their
+  recorded outputs instead of recomputing them. Leave it empty and they are recomputed.
 
 What the spec deliberately leaves out, because the hooks find it: GPT-2's Conv1D orientation (weights
 [in, out]) is detected from the module type at the boundary where a patch is applied; whether a layer
@@ -55,6 +58,7 @@ class FamilySpec:
     default_output: OutputSide = "down"
     router: str | None = None
     experts: str | None = None
+    attention_inputs: tuple[str, ...] = ()
 
     @property
     def output_sides(self) -> tuple[str, ...]:
@@ -72,7 +76,13 @@ class FamilySpec:
         return "it has no norm after its MLP"
 
 
-_GATED = FamilySpec(layers="model.layers", mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATED = FamilySpec(
+    layers="model.layers",
+    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_output="mlp.down_proj",
+    attention_inputs=_QKV,
+)
 
 # Gemma 2/3 normalise the MLP output before the residual sum, so only the norm scale can add δ exactly. The
 # elementwise scale patch divides by n(m_C) and so amplifies any later perturbation where it is small; the
@@ -84,13 +94,35 @@ SPECS: dict[str, FamilySpec] = {
     "mistral": _GATED,
     "qwen2": _GATED,
     "qwen3": _GATED,
-    "phi3": FamilySpec(layers="model.layers", mlp_inputs=("mlp.gate_up_proj",), mlp_output="mlp.down_proj"),
-    "gpt2": FamilySpec(layers="transformer.h", mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj"),
-    "gpt_neox": FamilySpec(layers="gpt_neox.layers", mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h"),
-    "phi": FamilySpec(layers="model.layers", mlp_inputs=("mlp.fc1",), mlp_output="mlp.fc2"),
-    "falcon": FamilySpec(layers="transformer.h", mlp_inputs=("mlp.dense_h_to_4h",), mlp_output="mlp.dense_4h_to_h"),
+    "phi3": FamilySpec(
+        layers="model.layers",
+        mlp_inputs=("mlp.gate_up_proj",),
+        mlp_output="mlp.down_proj",
+        attention_inputs=("self_attn.qkv_proj",),
+    ),
+    "gpt2": FamilySpec(
+        layers="transformer.h", mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj", attention_inputs=("attn.c_attn",)
+    ),
+    "gpt_neox": FamilySpec(
+        layers="gpt_neox.layers",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_output="mlp.dense_4h_to_h",
+        attention_inputs=("attention.query_key_value",),
+    ),
+    "phi": FamilySpec(layers="model.layers", mlp_inputs=("mlp.fc1",), mlp_output="mlp.fc2", attention_inputs=_QKV),
+    "falcon": FamilySpec(
+        layers="transformer.h",
+        mlp_inputs=("mlp.dense_h_to_4h",),
+        mlp_output="mlp.dense_4h_to_h",
+        attention_inputs=("self_attention.query_key_value",),
+    ),
     "mixtral": FamilySpec(
-        layers="model.layers", mlp_inputs=(), mlp_output=None, router="mlp.gate", experts="mlp.experts"
+        layers="model.layers",
+        mlp_inputs=(),
+        mlp_output=None,
+        router="mlp.gate",
+        experts="mlp.experts",
+        attention_inputs=_QKV,
     ),
     # Gemma's pre-norms scale by (1 + w), but only post-MLP norms are patched, so Gemma 1 is Llama here.
     "gemma": _GATED,
@@ -104,6 +136,7 @@ SPECS: dict[str, FamilySpec] = {
         mlp_inputs=("intermediate.dense",),
         mlp_output="output.dense",
         residual_sum="output.LayerNorm",
+        attention_inputs=("attention.self.query", "attention.self.key", "attention.self.value"),
     ),
 }
 
