@@ -65,6 +65,8 @@ def test_zero_norm_mlp_input_names_the_layer_and_module():
 def test_other_entry_points_refuse_bad_input():
     with pytest.raises(ImplicitICLError, match="the input is empty"):
         every_position_patches(MODEL, IDS[:0])
+    with pytest.raises(ImplicitICLError, match="BertModel has no language-model head"):
+        patched_generate(tiny_model("bert"), IDS, IDS[:1], 4)
     with pytest.raises(ImplicitICLError, match="max_new_tokens must be at least 1"):
         patched_generate(MODEL, IDS, IDS[:1], 0)
     with pytest.raises(ImplicitICLError, match=f"at most {MAX_POSITIONS} positions"):

@@ -47,7 +47,7 @@ def save_lora(patch: Patch, directory: str | os.PathLike, model: nn.Module) -> P
         raise ImplicitICLError("the patch mixes Conv1D and Linear modules, which one LoRA config cannot describe")
     config = dict(
         peft_type="LORA",
-        task_type=ENCODER_TASK if not hasattr(model, "generate") else "CAUSAL_LM",
+        task_type="CAUSAL_LM" if model.can_generate() else ENCODER_TASK,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         r=1,
         lora_alpha=1,

@@ -48,6 +48,8 @@ def patched_generate(
 
     via: how each patch is applied (`Patch.applied`). In bfloat16, "weights" rounds W + ΔW to the
     model's precision; "hooks" keeps W as it is and adds the delta's effect to the module outputs."""
+    if not model.can_generate():
+        raise ImplicitICLError(f"{type(model).__name__} has no language-model head to generate with; use a decoder")
     if max_new_tokens < 1:
         raise ImplicitICLError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     inputs = patch_input(model, context_ids, query_ids)
