@@ -69,6 +69,14 @@ def test_patch_in_float64_with_a_dropped_span_saves_what_it_reports(saved, tmp_p
     assert [row["norm"] for row in report["changes"]] == pytest.approx([row["norm"] for row in patch.summary()])
 
 
+def test_patch_of_a_bfloat16_model_states_both_dtypes(saved):
+    arguments = ["--context-ids", CONTEXT, "--query-ids", "7", "--dtype", "bfloat16", "--arithmetic", "float32"]
+    report = _run("patch", "--model", str(saved["gemma2"]), *arguments)
+    assert (report["model_dtype"], report["arithmetic_dtype"]) == ("bfloat16", "float32")
+    # bfloat16 rounds at ~1e-2 relative; the context moves the logits far more than that.
+    assert report["max_abs_logit_diff"] < 0.1 * report["baseline_max_abs_logit_diff"]
+
+
 def test_patch_exports_a_peft_adapter(saved, tmp_path):
     arguments = ["--context-ids", CONTEXT, "--query-ids", "7", "--peft", str(tmp_path / "adapter")]
     report = _run("patch", "--model", str(saved["llama"]), *arguments)
