@@ -54,11 +54,12 @@ def test_a_model_in_training_mode_is_refused():
         compute_patch(model, IDS, IDS[:1])
 
 
-def test_zero_norm_mlp_input_names_the_layer_and_module():
-    model = tiny_model("llama", seed=0)
+@pytest.mark.parametrize(("family", "module"), [("llama", "mlp.gate_proj"), ("mixtral", "mlp.gate")])
+def test_zero_norm_mlp_input_names_the_layer_and_module(family, module):
+    model = tiny_model(family, seed=0)
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight.zero_()
-    with pytest.raises(ImplicitICLError, match=r"layer 1, mlp\.gate_proj: the MLP input z without context is a zero"):
+    with pytest.raises(ImplicitICLError, match=rf"layer 1, {module}: the MLP input z without context is a zero"):
         compute_patch(model, IDS, IDS[:1])
 
 

@@ -176,15 +176,8 @@ class _LayerConstruction:
         self.rerunning = False
         self.experts = None
         if spec.experts is not None:
-            experts_states = states.experts[index]
             self.experts = ExpertsConstruction(
-                layer,
-                spec.router,
-                spec.experts,
-                experts_states,
-                self.deltas,
-                dtype,
-                other_tokens=not feed_context_inputs,
+                layer, index, spec, states.experts[index], self.deltas, dtype, other_tokens=not feed_context_inputs
             )
 
     def register(self) -> list:
@@ -266,7 +259,9 @@ class _LayerConstruction:
         try:
             output_deltas = self._output_side(shift)
         except ImplicitICLError as error:
-            raise ImplicitICLError(f"layer {self.index}, {self.spec.mlp_output}: {error}") from None
+            raise ImplicitICLError(
+                f"layer {self.index}, {self.spec.mlp_output or self.spec.experts}: {error}"
+            ) from None
         self.deltas.update(output_deltas)
         if self.feed_context_inputs:
             if self.last:

@@ -34,10 +34,10 @@ class ExpertsConstruction:
     delta dict, filled in place; other_tokens: whether the reduced input holds tokens besides the patched
     ones, which must then see the patched block (in place in the weights while it runs)."""
 
-    def __init__(self, layer: nn.Module, router: str, experts: str, context, deltas, dtype, other_tokens: bool):
-        self.router_path, self.experts_path = router, experts
-        self.router, self.experts = layer.get_submodule(router), layer.get_submodule(experts)
-        self.block = layer.get_submodule(router.rsplit(".", 1)[0])
+    def __init__(self, layer: nn.Module, index: int, spec, context, deltas, dtype, other_tokens: bool):
+        self.router_path, self.experts_path, self.index = spec.router, spec.experts, index
+        self.router, self.experts = layer.get_submodule(spec.router), layer.get_submodule(spec.experts)
+        self.block = layer.get_submodule(spec.router.rsplit(".", 1)[0])
         self.layer, self.context, self.deltas = layer, context, deltas
         self.dtype, self.other_tokens = dtype, other_tokens
         self._applied = ExitStack()
@@ -61,17 +61,17 @@ class ExpertsConstruction:
         if f"{self.router_path}.weight" in self.deltas:
             return  # a re-run of the layer, with every delta already in the weights
         z = args[0][:, -1].to(self.dtype)
-        squared = safe_squared_norm("the MLP input z without context", z)
+        try:
+            squared = safe_squared_norm("the MLP input z without context", z)
+        except ImplicitICLError as error:
+            raise ImplicitICLError(f"layer {self.index}, {self.router_path}: {error}") from None
         difference = self.context["input"].to(self.dtype) - z
         right = z / squared[:, None]
-        router_weight = self.router.weight.to(self.dtype)
-        gate_up = self.experts.gate_up_proj.to(self.dtype)
-        picked = self._picked()[..., None]
+        n_experts = self.experts.gate_up_proj.shape[0]
         input_deltas = {
-            f"{self.router_path}.weight": RankOneUpdate(difference @ router_weight.T, right),
+            f"{self.router_path}.weight": RankOneUpdate(difference @ self.router.weight.to(self.dtype).T, right),
             f"{self.experts_path}.gate_up_proj": RankOneUpdate(
-                torch.einsum("nh,eoh->neo", difference, gate_up) * picked,
-                right[:, None].expand(-1, picked.shape[1], -1),
+                self._picked_products(self.experts.gate_up_proj, difference), right[:, None].expand(-1, n_experts, -1)
             ),
         }
         self.deltas.update(input_deltas)
@@ -81,11 +81,9 @@ class ExpertsConstruction:
 
     def output_side(self, shift: Tensor) -> dict[str, Delta]:
         """ΔW_down,k = (δ / Σ_k p_k) a_k^T/||a_k||^2 for the picked experts; shift δ: [N, H]."""
-        gate_up = torch.einsum(
-            "nh,eoh->neo", self.context["input"].to(self.dtype), self.experts.gate_up_proj.to(self.dtype)
-        )
+        gate_up = self._picked_products(self.experts.gate_up_proj, self.context["input"].to(self.dtype))
         gate, up = gate_up.chunk(2, dim=-1)
-        inner = self.experts.act_fn(gate) * up  # a_k of every expert: [N, E, I]
+        inner = self.experts.act_fn(gate) * up  # a_k of the picked experts: [N, E, I]
         picked = self._picked()
         inner = torch.where(picked[..., None], inner, torch.ones_like(inner))  # unpicked rows get zero factors
         squared = safe_squared_norm("the inner activation a_k of a picked expert", inner)
@@ -95,6 +93,16 @@ class ExpertsConstruction:
         mask = picked[..., None].to(self.dtype)
         left = (shift / weights[:, None])[:, None] * mask  # [N, E, H]
         return {f"{self.experts_path}.down_proj": RankOneUpdate(left, inner / squared[..., None] * mask)}
+
+    def _picked_products(self, stacked: Tensor, vectors: Tensor) -> Tensor:
+        """W_e x_n for the experts e picked at token n, zero for the others, one expert at a time as HF's
+        own loop does: stacked W [E, out, in], vectors x [N, in] -> [N, E, out]."""
+        picked = self._picked()
+        products = vectors.new_zeros(vectors.shape[0], stacked.shape[0], stacked.shape[1])
+        for expert in picked.any(0).nonzero().flatten().tolist():
+            rows = picked[:, expert]
+            products[rows, expert] = vectors[rows] @ stacked[expert].to(self.dtype).T
+        return products
 
     def _picked(self) -> Tensor:
         """[N, E] mask of the experts the context-ful run picked at each patched token."""
