@@ -141,3 +141,11 @@ def test_one_token_reduced_pass_recomputes_only_what_the_patch_needs(monkeypatch
     assert sorted(name for name in called if name) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "o_proj", "gate_proj", "up_proj"]
     )
+
+
+def test_top_level_api_loads_the_engine_lazily():
+    import implicit_icl
+
+    assert implicit_icl.compute_patch is compute_patch and implicit_icl.Patch.__name__ == "Patch"
+    with pytest.raises(AttributeError, match="no attribute 'compute'"):
+        implicit_icl.compute  # noqa: B018

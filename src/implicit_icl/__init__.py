@@ -1,8 +1,35 @@
 """implicit-icl: the context of a transformer as an exact weight patch ("learning without training")."""
 
+import importlib
+
 from implicit_icl.block import BlockStates, ContextualBlock
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.theory import ImplicitUpdate, RankOneUpdate, rank_one_update
 
-__all__ = ["BlockStates", "ContextualBlock", "ImplicitICLError", "ImplicitUpdate", "RankOneUpdate", "rank_one_update"]
+__all__ = [
+    "BlockStates",
+    "ContextualBlock",
+    "ImplicitICLError",
+    "ImplicitUpdate",
+    "Patch",
+    "RankOneUpdate",
+    "compute_patch",
+    "every_position_patches",
+    "patched_generate",
+    "rank_one_update",
+]
 __version__ = "0.1.0"
+
+# The Hugging Face engine imports transformers, which takes seconds: load it on first use only.
+_LAZY = {
+    "Patch": "implicit_icl.patch",
+    "compute_patch": "implicit_icl.hf",
+    "every_position_patches": "implicit_icl.hf",
+    "patched_generate": "implicit_icl.hf",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'implicit_icl' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
