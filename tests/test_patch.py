@@ -78,6 +78,7 @@ def test_dense_delta_matches_the_factors_and_the_summary():
         assert torch.linalg.matrix_rank(dense) == 1
         assert row["norm"] == pytest.approx(float(torch.linalg.matrix_norm(dense)), rel=1e-12)
     assert patch.modules == [row["parameter"].removesuffix(".weight") for row in rows]
+    assert repr(patch) == "Patch(llama, 2 layers, 6 deltas, output='down', float64, position 24)"
 
 
 def test_save_and_load_round_trip(tmp_path):

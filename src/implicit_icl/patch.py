@@ -67,8 +67,18 @@ class Patch:
     def __len__(self) -> int:
         return len(self.positions)
 
+    def __repr__(self) -> str:
+        where = f"{len(self)} positions" if self.batched else f"position {self.positions[0]}"
+        dropped = f", drop={self.drop}" if self.drop else ""
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"Patch({self.family}, {self.n_layers} layers, {len(self.deltas)} deltas, output={self.output!r}, "
+            f"{dtype}, {where}{dropped})"
+        )
+
     def summary(self) -> list[dict]:
-        """Per layer and parameter: what was changed and the norm of the change (max over the batch).
+        """Per layer and parameter: what was changed and the norm of the change (the largest over batch
+        entries and stacked experts).
 
         The norm is ||u v^T||_F = ||u|| ||v|| for a rank-1 delta and the Euclidean norm for a vector."""
         rows = []
