@@ -149,3 +149,18 @@ def test_top_level_api_loads_the_engine_lazily():
     assert implicit_icl.compute_patch is compute_patch and implicit_icl.Patch.__name__ == "Patch"
     with pytest.raises(AttributeError, match="no attribute 'compute'"):
         implicit_icl.compute  # noqa: B018
+
+
+def test_mixture_of_experts_on_an_offloaded_layer(tmp_path):
+    """Router and experts weights of a disk-offloaded layer sit on the meta device outside its forward:
+    the construction reads them while the block runs, and the patch acts through hooks."""
+    from accelerate import dispatch_model
+
+    model = tiny_model("mixtral", seed=0)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu"}
+    device_map |= {"model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map=device_map, offload_dir=tmp_path, main_device="cpu")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
+    ids = _ids(20, 0)
+    patch = compute_patch(model, ids[:-1], ids[-1:])
+    _assert_exact(verify_patch(model, ids[:-1], ids[-1:], patch), torch.float64)

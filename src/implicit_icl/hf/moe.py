@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_icl.errors import ImplicitICLError, safe_squared_norm
-from implicit_icl.patch import Delta, weights_applied
+from implicit_icl.patch import Delta, onloaded, weights_applied
 from implicit_icl.theory import RankOneUpdate
 
 
@@ -67,13 +67,17 @@ class ExpertsConstruction:
             raise ImplicitICLError(f"layer {self.index}, {self.router_path}: {error}") from None
         difference = self.context["input"].to(self.dtype) - z
         right = z / squared[:, None]
-        n_experts = self.experts.gate_up_proj.shape[0]
-        input_deltas = {
-            f"{self.router_path}.weight": RankOneUpdate(difference @ self.router.weight.to(self.dtype).T, right),
-            f"{self.experts_path}.gate_up_proj": RankOneUpdate(
-                self._picked_products(self.experts.gate_up_proj, difference), right[:, None].expand(-1, n_experts, -1)
-            ),
-        }
+        with onloaded(self.router), onloaded(self.experts):  # offloaded weights live on meta outside forward
+            router_weight, gate_up = self.router.weight.to(z), self.experts.gate_up_proj
+            input_deltas = {
+                f"{self.router_path}.weight": RankOneUpdate(difference @ router_weight.T, right),
+                f"{self.experts_path}.gate_up_proj": RankOneUpdate(
+                    self._picked_products(gate_up, difference), right[:, None].expand(-1, gate_up.shape[0], -1)
+                ),
+            }
+            # a_k of the picked experts [N, E, I], for the output side, while the weights are at hand
+            gate, up = self._picked_products(gate_up, self.context["input"].to(self.dtype)).chunk(2, dim=-1)
+        self._inner = self.experts.act_fn(gate) * up
         self.deltas.update(input_deltas)
         if self.other_tokens:
             unbatched = {name: delta[0] for name, delta in input_deltas.items()}
@@ -81,11 +85,8 @@ class ExpertsConstruction:
 
     def output_side(self, shift: Tensor) -> dict[str, Delta]:
         """ΔW_down,k = (δ / Σ_k p_k) a_k^T/||a_k||^2 for the picked experts; shift δ: [N, H]."""
-        gate_up = self._picked_products(self.experts.gate_up_proj, self.context["input"].to(self.dtype))
-        gate, up = gate_up.chunk(2, dim=-1)
-        inner = self.experts.act_fn(gate) * up  # a_k of the picked experts: [N, E, I]
         picked = self._picked()
-        inner = torch.where(picked[..., None], inner, torch.ones_like(inner))  # unpicked rows get zero factors
+        inner = torch.where(picked[..., None], self._inner, torch.ones_like(self._inner))  # unpicked: zero factors
         squared = safe_squared_norm("the inner activation a_k of a picked expert", inner)
         weights = self.context["scores"].to(self.dtype).sum(-1)
         if (weights == 0).any():
@@ -101,7 +102,7 @@ class ExpertsConstruction:
         products = vectors.new_zeros(vectors.shape[0], stacked.shape[0], stacked.shape[1])
         for expert in picked.any(0).nonzero().flatten().tolist():
             rows = picked[:, expert]
-            products[rows, expert] = vectors[rows] @ stacked[expert].to(self.dtype).T
+            products[rows, expert] = vectors[rows] @ stacked[expert].to(vectors).T
         return products
 
     def _picked(self) -> Tensor:
