@@ -9,9 +9,12 @@ from typer.testing import CliRunner
 
 from implicit_icl import ImplicitICLError
 from implicit_icl.cli import app
+from implicit_icl.toy import baselines
+from implicit_icl.toy.data import sample_prompts
 from implicit_icl.toy.experiments import squared_errors
 from implicit_icl.toy.model import ToyConfig
 from implicit_icl.toy.reproduce import DEFAULT_MODEL, DEFAULT_TRAINING, SHIPPED_CHECKPOINT, run_study
+from implicit_icl.toy.statistics import bootstrap
 from implicit_icl.toy.study import StudyConfig, evaluation_sets, learning_checks
 from implicit_icl.toy.train import TrainConfig, load_trained, save_trained, train_model
 
@@ -99,9 +102,23 @@ def test_shipped_checkpoint_is_small_and_made_by_the_training_script(shipped):
 
 
 def test_shipped_model_learns_and_never_beats_least_squares(shipped):
+    """At k = N the model sits on the one-GD-step curve, a few percent under averaging: 16,000 prompts (paired
+    with averaging on the same prompts) make that gap larger than its bootstrap interval."""
+    model = shipped.final()
+    config = shipped.config
+    generator = torch.Generator().manual_seed(11)
+    differences, model_errors = [], []
+    with torch.no_grad():
+        for _ in range(8):
+            prompts = sample_prompts(2000, config.dim, config.context_length, config.noise, generator)
+            model_error = (model.predict(prompts.tokens()) - prompts.query_label).pow(2) / config.dim
+            averaging = baselines.averaging(prompts.inputs, prompts.labels, prompts.query)
+            differences.append(model_error - (averaging - prompts.query_label).pow(2) / config.dim)
+            model_errors.append(model_error)
+    versus_averaging = bootstrap(torch.cat(differences), generator)
+    assert versus_averaging.high.item() < 0  # below averaging at k = N, beyond the bootstrap noise
+    assert torch.cat(model_errors).mean() < 0.1  # the zero predictor scores 1
+
     sets = evaluation_sets(shipped, StudyConfig(n_test_prompts=1000, n_held_out_prompts=1, seed=11))
-    errors = squared_errors(shipped.final(), sets.test, shipped.config.noise)
-    checks = learning_checks(errors, torch.Generator().manual_seed(0))
-    assert checks["model_minus_averaging_at_N"]["ci95_high"][0] < 0  # below averaging at k = N, beyond noise
-    assert checks["model_error_over_d_at_N"] < 0.2 * checks["zero_error_over_d_at_N"]
+    checks = learning_checks(squared_errors(model, sets.test, config.noise), generator)
     assert checks["model_below_least_squares_max_ci95_low"] <= 0  # never below Bayes-optimal beyond noise
