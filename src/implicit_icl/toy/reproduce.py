@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.report import write_json, write_report
@@ -66,7 +67,7 @@ def run_study(trained: TrainedModel, study: StudyConfig, out: Path) -> dict:
     generator = torch.Generator().manual_seed(study.seed)
     curves = {name: bootstrap(values, generator) for name, values in errors.items()}
     n_test = sets.test.size
-    floor = curves["least squares"].mean[1:].mean().item() * trained.config.dim
+    floor = _least_squares_floor(curves["least squares"].mean, trained.train.full_context_share) * trained.config.dim
     report_figures = [
         figures.agreement_figure(out, rows, n_test),
         figures.error_figure(out, curves),
@@ -155,6 +156,12 @@ def demo(out: Path, n_prompts: int = 300) -> dict:
     return summary
 
 
+def _least_squares_floor(least_squares: Tensor, full_context_share: float) -> float:
+    """The least-squares error/d of the training objective: k = N for a share of prompts, else uniform."""
+    share = full_context_share
+    return (share * least_squares[-1] + (1 - share) * least_squares[1:].mean()).item()
+
+
 def _check_out(out: Path) -> None:
     if Path(out).exists() and not Path(out).is_dir():
         raise ImplicitICLError(f"--out {out} is a file, not a folder; give a folder for the report")
@@ -182,6 +189,7 @@ def headline(metrics: dict) -> dict:
         "final_test_loss",
         "model_error_over_d_at_N",
         "averaging_error_over_d_at_N",
+        "one_gd_step_error_over_d_at_N",
         "least_squares_error_over_d_at_N",
         "model_below_least_squares_max",
     ]

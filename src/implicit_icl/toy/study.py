@@ -121,6 +121,7 @@ def learning_checks(errors: dict[str, Tensor], generator: torch.Generator) -> di
     return {
         "model_error_over_d_at_N": errors["model"][:, -1].mean().item(),
         "averaging_error_over_d_at_N": errors["averaging"][:, -1].mean().item(),
+        "one_gd_step_error_over_d_at_N": errors["one GD step (best η)"][:, -1].mean().item(),
         "least_squares_error_over_d_at_N": errors["least squares"][:, -1].mean().item(),
         "zero_error_over_d_at_N": errors["zero"][:, -1].mean().item(),
         "model_minus_averaging_at_N": versus_averaging.to_dict(),
