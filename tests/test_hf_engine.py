@@ -162,5 +162,6 @@ def test_mixture_of_experts_on_an_offloaded_layer(tmp_path):
     model = dispatch_model(model, device_map=device_map, offload_dir=tmp_path, main_device="cpu")
     assert model.model.layers[0].mlp.experts.gate_up_proj.device.type == "meta"
     ids = _ids(20, 0)
-    patch = compute_patch(model, ids[:-1], ids[-1:])
-    _assert_exact(verify_patch(model, ids[:-1], ids[-1:], patch), torch.float64)
+    for drop in (None, (2, 6)):  # the query alone, and a removed span (other tokens see the patch too)
+        patch = compute_patch(model, ids[:-1], ids[-1:], drop=drop)
+        _assert_exact(verify_patch(model, ids[:-1], ids[-1:], patch), torch.float64)

@@ -240,6 +240,13 @@ def _offloaded(model: nn.Module, deltas: dict[str, Delta]) -> bool:
     return any(parameter.device.type == "meta" for module in modules for parameter in module.parameters(recurse=False))
 
 
+def deltas_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool = False):
+    """The deltas in place in the weights, or through hooks where that cannot work (a batched patch,
+    weights that accelerate offloads to the meta device): a context manager, like `Patch.applied`."""
+    use_hooks = batched or _offloaded(model, deltas)
+    return (hooks_applied if use_hooks else weights_applied)(model, deltas, batched)
+
+
 @contextmanager
 def weights_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) -> Iterator[None]:
     originals: dict[str, Tensor | None] = {}

@@ -39,7 +39,7 @@ from implicit_icl.hf.capture import (
 from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_length, patch_input
 from implicit_icl.hf.moe import ExpertsConstruction
 from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, spec_for
-from implicit_icl.patch import Delta, Patch, delta_hook, forward_with, hooks_applied, onloaded, weights_applied
+from implicit_icl.patch import Delta, Patch, delta_hook, deltas_applied, forward_with, hooks_applied, onloaded
 from implicit_icl.theory import RankOneUpdate, output_rank_one, stable_norm_scale_patch
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
@@ -275,10 +275,11 @@ class _LayerConstruction:
             self.rerunning = False
 
     def _output_side_applied(self, layer: nn.Module, output_deltas: dict[str, Delta]):
-        """For the re-run: output deltas through hooks; MoE deltas (one reduced sequence) in the weights."""
+        """For the re-run: output deltas through hooks; MoE deltas (one reduced sequence) in the weights
+        where they can be (a router and fused experts are not linear in their input)."""
         if self.experts is None:
             return hooks_applied(layer, output_deltas, batched=True)
-        return weights_applied(layer, {name: delta[0] for name, delta in self.deltas.items()}, batched=False)
+        return deltas_applied(layer, {name: delta[0] for name, delta in self.deltas.items()})
 
     def _output_side(self, shift: Tensor) -> dict[str, Delta]:
         if self.experts is not None:

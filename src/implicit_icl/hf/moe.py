@@ -10,8 +10,9 @@ Output side: each picked expert's down matrix gets (δ / Σ_k p_k) a_k^T/||a_k||
 Experts the context did not pick get zero factors, so the deltas keep the stacked [E, ...] shape.
 
 Nothing here can be added through an output hook (the router's top-k and the experts' loop sit inside
-their forward), so a removed span is handled with the deltas in the weights, in place; a one-token
-reduced pass replays the context-ful router and expert outputs instead (see `replay_outputs`).
+their forward), so a removed span is handled with the deltas in the weights, in place (for a layer that
+accelerate offloads: router and experts re-run with shifted weights); a one-token reduced pass replays
+the context-ful router and expert outputs instead (see `replay_outputs`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_icl.errors import ImplicitICLError, safe_squared_norm
-from implicit_icl.patch import Delta, onloaded, weights_applied
+from implicit_icl.patch import Delta, deltas_applied, onloaded
 from implicit_icl.theory import RankOneUpdate
 
 
@@ -81,7 +82,7 @@ class ExpertsConstruction:
         self.deltas.update(input_deltas)
         if self.other_tokens:
             unbatched = {name: delta[0] for name, delta in input_deltas.items()}
-            self._applied.enter_context(weights_applied(self.layer, unbatched, batched=False))
+            self._applied.enter_context(deltas_applied(self.layer, unbatched))
 
     def output_side(self, shift: Tensor) -> dict[str, Delta]:
         """ΔW_down,k = (δ / Σ_k p_k) a_k^T/||a_k||^2 for the picked experts; shift δ: [N, H]."""
