@@ -192,6 +192,7 @@ def headline(metrics: dict) -> dict:
         "one_gd_step_error_over_d_at_N",
         "least_squares_error_over_d_at_N",
         "model_below_least_squares_max",
+        "model_below_least_squares_max_ci95_low",
     ]
     summary = {key: metrics[key] for key in keys if key in metrics}
     for key in ("mode", "wall_time_s"):
