@@ -55,10 +55,6 @@ class PatchInput:
     kept: Tensor
     drop: tuple[int, int] | None
 
-    @property
-    def reduced(self) -> Tensor:
-        return self.full[self.kept]
-
 
 def patch_input(
     model: PreTrainedModel, context_ids: TokenIds, query_ids: TokenIds, drop: tuple[int, int] | None = None
