@@ -160,3 +160,17 @@ def test_bad_configurations_and_requests_are_refused():
         sample_prompts(2, 2, 2, noise=-1.0)
     with pytest.raises(ImplicitICLError, match="T ≥ 2"):
         build_model(config, 0).implicit_updates(torch.zeros(2, 1, config.dim + 1))
+
+
+def test_experiments_leave_the_model_weights_untouched_even_on_errors():
+    config = ToyConfig(**SMALL)
+    model = build_model(config, 8).to(F64)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    prompts = prompts_for(config, n=4)
+    update = experiments.prefix_update(model.first_block(), prompts)
+    finetune(model.first_block(), prompts, 0.1, update.weight)
+    choose_step_size(model.first_block(), prompts, [0.1, 1.0])
+    with pytest.raises(RuntimeError):
+        finetune(model.first_block(), prompts, torch.ones(3, dtype=F64))  # one step size per prompt: 4 needed
+    assert not model.first_block().first_layer._forward_hooks  # no hook left behind
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())

@@ -106,11 +106,6 @@ class ToyTransformer(nn.Module):
         return self.blocks[0]
 
 
-def first_matrix(block: ContextualBlock) -> Tensor:
-    """W, the first MLP matrix the implicit update changes: [mlp_width, reads]."""
-    return block.first_layer.weight
-
-
 def build_model(config: ToyConfig, seed: int) -> ToyTransformer:
     """A freshly initialised model, the same for the same seed; the global RNG is left as it was."""
     with torch.random.fork_rng():

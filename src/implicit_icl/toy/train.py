@@ -8,16 +8,16 @@ replaces example k+1 and the prediction is read there; the causal mask hides eve
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.report.atomic import write_atomically
 from implicit_icl.toy.data import Prompts, sample_prompts
 from implicit_icl.toy.model import ToyConfig, ToyTransformer, build_model
 from implicit_icl.toy.progress import progress_bar
@@ -126,22 +126,12 @@ def save_trained(trained: TrainedModel, path: Path, command: str = "") -> None:
         "train_loss": json.dumps([round(x, 6) for x in trained.train_loss]),
         "command": command,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def load_trained(path: Path) -> TrainedModel:
     if not Path(path).is_file():
         raise ImplicitICLError(f"no checkpoint file at {path}; train one with scripts/train_toy.py")
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     checkpoints: dict[int, dict[str, Tensor]] = {}
