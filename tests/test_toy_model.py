@@ -39,6 +39,12 @@ def test_query_alone_through_patched_blocks_reproduces_the_prompt(seed, n_blocks
         unpatched = model.predict(prompts.query_token()[:, None])
     torch.testing.assert_close(patched, with_prompt, rtol=1e-10, atol=1e-12)
     assert (unpatched - with_prompt).abs().max() > 1e-6  # the patch carries the context
+    # Block by block, so that errors cannot compensate: the lone query's state equals its context-ful one.
+    hidden, alone = prompts.tokens(), prompts.query_token()[:, None]
+    with torch.no_grad():
+        for block, update in zip(model.blocks, updates, strict=True):
+            hidden, alone = block(hidden), block(alone, update)
+            torch.testing.assert_close(alone[:, 0], hidden[:, -1], rtol=1e-10, atol=1e-12)
     assert all((update.bias_shift is not None) == skip for update in updates)
 
 
