@@ -164,6 +164,8 @@ def test_bad_configurations_and_requests_are_refused():
         prompts_for(config).tokens(config.context_length + 1)
     with pytest.raises(ImplicitICLError, match="noise"):
         sample_prompts(2, 2, 2, noise=-1.0)
+    with pytest.raises(ImplicitICLError, match="grid is empty"):
+        choose_step_size(build_model(config, 0).first_block(), prompts_for(config), [])
     with pytest.raises(ImplicitICLError, match="T ≥ 2"):
         build_model(config, 0).implicit_updates(torch.zeros(2, 1, config.dim + 1))
 
@@ -176,7 +178,7 @@ def test_experiments_leave_the_model_weights_untouched_even_on_errors():
     update = experiments.prefix_update(model.first_block(), prompts)
     finetune(model.first_block(), prompts, 0.1, update.weight)
     choose_step_size(model.first_block(), prompts, [0.1, 1.0])
-    with pytest.raises(RuntimeError):
-        finetune(model.first_block(), prompts, torch.ones(3, dtype=F64))  # one step size per prompt: 4 needed
+    with pytest.raises(ImplicitICLError, match="one per prompt"):
+        finetune(model.first_block(), prompts, torch.ones(3, dtype=F64))
     assert not model.first_block().first_layer._forward_hooks  # no hook left behind
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())

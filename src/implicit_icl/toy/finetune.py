@@ -56,7 +56,12 @@ def finetune(
     """
     weight = block.first_layer.weight
     delta = torch.zeros(prompts.size, *weight.shape, dtype=weight.dtype)
-    step_size = torch.as_tensor(step_size, dtype=weight.dtype).expand(prompts.size)[:, None, None]
+    step_size = torch.as_tensor(step_size, dtype=weight.dtype)
+    if step_size.numel() not in (1, prompts.size):
+        raise ImplicitICLError(
+            f"got {step_size.numel()} SGD step sizes for {prompts.size} prompts; give one, or one per prompt"
+        )
+    step_size = step_size.reshape(-1).expand(prompts.size)[:, None, None]
     lone_examples = torch.cat([prompts.inputs, torch.zeros_like(prompts.labels)[..., None]], dim=-1)
     losses, alignments = [], []
     for j in range(prompts.context_length):
