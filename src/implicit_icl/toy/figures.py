@@ -14,7 +14,9 @@ def _curve(label: str, x: list[float], estimate: Estimate, style: str = "-", ban
     return Curve(label, x, estimate.mean.tolist(), estimate.low.tolist(), estimate.high.tolist(), style)
 
 
-def training_figure(out: Path, train_loss: list[float], least_squares_floor: float) -> ReportFigure:
+def training_figure(
+    out: Path, train_loss: list[float], least_squares_floor: float, full_context_share: float
+) -> ReportFigure:
     window = max(1, len(train_loss) // 100)
     smoothed = [sum(train_loss[i : i + window]) / window for i in range(0, len(train_loss) - window + 1, window)]
     steps = [i + window for i in range(0, len(train_loss) - window + 1, window)]
@@ -31,8 +33,8 @@ def training_figure(out: Path, train_loss: list[float], least_squares_floor: flo
     )
     return ReportFigure(
         "training.png",
-        "Training loss over Adam steps (fresh prompts every step, the number of examples k drawn uniformly in "
-        "1..N). It must stay above the dashed least-squares floor of the same objective; below it would mean "
+        f"Training loss over Adam steps (fresh prompts every step; k = N examples for a share "
+        f"{full_context_share:g} of them, k uniform in 1..N for the rest). It must stay above the dashed least-squares floor of the same objective; below it would mean "
         "the label of the query leaks into the prediction.",
     )
 

@@ -80,7 +80,7 @@ def run_study(trained: TrainedModel, study: StudyConfig, out: Path) -> dict:
             list(study.step_size_grid),
         ),
         figures.alignment_figure(out, results["alignment"]),
-        figures.training_figure(out, trained.train_loss, floor),
+        figures.training_figure(out, trained.train_loss, floor, trained.train.full_context_share),
     ]
     alignment = {name: estimate.mean for name, estimate in results["alignment"].items()}
     metrics = {
