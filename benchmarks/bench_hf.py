@@ -12,12 +12,15 @@ from implicit_icl.hf import compute_patch, every_position_patches
 from implicit_icl.hf.capture import run_model
 
 LAYERS, WIDTH, CONTEXT = 8, 512, 512
+# Llama's own vocabulary, and a small one: the head is a large part of a forward pass that the patch
+# skips, so the small vocabulary is the stricter comparison.
+VOCABULARIES = (32_000, 1_024)
 
 
-def llama_style() -> LlamaForCausalLM:
+def llama_style(vocab_size: int) -> LlamaForCausalLM:
     """8 layers, width 512, grouped-query attention, float32, eager attention as in every exactness check."""
     config = LlamaConfig(
-        vocab_size=1024,
+        vocab_size=vocab_size,
         hidden_size=WIDTH,
         intermediate_size=1376,
         num_hidden_layers=LAYERS,
@@ -30,12 +33,16 @@ def llama_style() -> LlamaForCausalLM:
 
 
 def run(repeats: int = 5) -> list[tuple[str, float, str]]:
+    return [row for vocab_size in VOCABULARIES for row in _ratios(vocab_size, repeats)]
+
+
+def _ratios(vocab_size: int, repeats: int) -> list[tuple[str, float, str]]:
     """Each repeat times one forward, one query patch and one every-position pass back to back; the
     median of the per-repeat ratios is robust to load that drifts on a shared machine."""
-    model = llama_style()
-    ids = torch.randint(0, model.config.vocab_size, (CONTEXT + 1,), generator=torch.Generator().manual_seed(0))
+    model = llama_style(vocab_size)
+    ids = torch.randint(0, vocab_size, (CONTEXT + 1,), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(CONTEXT + 1)[None]
-    setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, {CONTEXT}-token context, float32"
+    setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, vocab {vocab_size}, {CONTEXT}-token context, float32"
     # The reference is the forward pass the engine itself makes: eager attention, explicit positions and mask.
     steps = {
         "forward": lambda: run_model(model, ids[None], positions),
