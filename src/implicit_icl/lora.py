@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from implicit_icl.atomic import write_atomically
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.patch import Patch, atomic_write
+from implicit_icl.patch import Patch
 from implicit_icl.theory import RankOneUpdate
 
 ENCODER_TASK = "FEATURE_EXTRACTION"
@@ -59,6 +60,8 @@ def save_lora(patch: Patch, directory: str | os.PathLike, model: nn.Module) -> P
     )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "adapter_model.safetensors", lambda path: save_file(tensors, path))
-    atomic_write(directory / "adapter_config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2)))
+    write_atomically(directory / "adapter_model.safetensors", lambda path: save_file(tensors, path))
+    write_atomically(
+        directory / "adapter_config.json", lambda path: Path(path).write_text(json.dumps(config, indent=2))
+    )
     return directory

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from implicit_icl.atomic import write_atomically
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.theory import RankOneUpdate
 
@@ -162,8 +162,8 @@ class Patch:
             batched=self.batched,
             deltas=kinds,
         )
-        atomic_write(directory / _TENSORS_FILE, lambda path: save_file(tensors, path))
-        atomic_write(directory / _METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
+        write_atomically(directory / _TENSORS_FILE, lambda path: save_file(tensors, path))
+        write_atomically(directory / _METADATA_FILE, lambda path: Path(path).write_text(json.dumps(metadata, indent=2)))
         return directory
 
     def to_peft(self, directory: str | os.PathLike, model: nn.Module) -> Path:
@@ -355,15 +355,3 @@ def forward_with(module: nn.Module, parameters: dict[str, Tensor], args: tuple):
         return getattr(module, "_old_forward", module.forward)(*args)
     finally:
         module._parameters.update(saved)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

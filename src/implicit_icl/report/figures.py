@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from implicit_icl.report.atomic import write_atomically  # noqa: E402
+from implicit_icl.atomic import write_atomically  # noqa: E402
 
 
 @dataclass(frozen=True)

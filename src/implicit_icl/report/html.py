@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from implicit_icl.report.atomic import write_atomically
+from implicit_icl.atomic import write_atomically
 
 
 @dataclass(frozen=True)

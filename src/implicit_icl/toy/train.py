@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from implicit_icl.atomic import write_atomically
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.report.atomic import write_atomically
 from implicit_icl.toy.data import Prompts, sample_prompts
 from implicit_icl.toy.model import ToyConfig, ToyTransformer, build_model
 from implicit_icl.toy.progress import progress_bar

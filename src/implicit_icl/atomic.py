@@ -8,6 +8,9 @@ from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """Call write(temporary_path), then move it onto `path`; the temporary file never outlives an error."""
@@ -15,6 +18,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any new file
     try:
         write(Path(temporary))
         os.replace(temporary, path)
