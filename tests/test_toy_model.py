@@ -57,6 +57,19 @@ def test_float32_agreement_is_at_float_precision():
     assert result["loss_patched"] == pytest.approx(result["loss_with_prompt"], rel=1e-5)
 
 
+def test_evaluation_in_chunks_matches_one_pass_over_every_prompt():
+    config = ToyConfig(**SMALL)
+    model = build_model(config, 2).to(F64)
+    prompts = prompts_for(config, n=experiments.PROMPTS_PER_PASS * 2 + 5)  # two full chunks and a partial one
+    by_k = experiments.predictions_by_k(model, prompts)
+    one_pass = torch.stack([model.predict(prompts.tokens(k)) for k in range(config.context_length + 1)], dim=1)
+    torch.testing.assert_close(by_k, one_pass, rtol=1e-12, atol=1e-12)
+    at_n = experiments.full_context_errors(model, prompts, noise=0.1)
+    torch.testing.assert_close(at_n["model"], (one_pass[:, -1] - prompts.query_label).pow(2) / config.dim)
+    agreement = experiments.patch_agreement(model, prompts)
+    assert agreement["loss_with_prompt"] == pytest.approx((one_pass[:, -1] - prompts.query_label).pow(2).mean().item())
+
+
 def test_updates_are_rank_one():
     config = ToyConfig(**SMALL, n_blocks=2, mlp_skip=True)
     model = build_model(config, 1).to(F64)

@@ -8,6 +8,8 @@ All "prefix" quantities use A(c_1..c_i, x): the block run on the first i example
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -17,11 +19,37 @@ from implicit_icl.toy.baselines import all_baselines
 from implicit_icl.toy.data import Prompts
 from implicit_icl.toy.model import ToyTransformer
 
+# Prompts per forward pass when evaluating: a whole test set at once allocates attention scores of
+# B·H·T² floats per pass (hundreds of MB in float64), which the allocator maps and unmaps every time.
+PROMPTS_PER_PASS = 128
+
+
+def in_chunks(measure: Callable[[Prompts], Tensor], prompts: Prompts) -> Tensor:
+    """measure(prompts) -> [..., B], run on PROMPTS_PER_PASS prompts at a time and concatenated on the last
+    dimension."""
+    parts = [measure(prompts.subset(slice(s, s + PROMPTS_PER_PASS))) for s in range(0, prompts.size, PROMPTS_PER_PASS)]
+    return torch.cat(parts, dim=-1)
+
 
 @torch.no_grad()
 def predictions_by_k(model: ToyTransformer, prompts: Prompts) -> Tensor:
     """The model's prediction of y_q after its first k examples, k = 0..N: [B, N+1]."""
-    return torch.stack([model.predict(prompts.tokens(k)) for k in range(prompts.context_length + 1)], dim=1)
+
+    def by_k(chunk: Prompts) -> Tensor:  # [N+1, b]
+        return torch.stack([model.predict(chunk.tokens(k)) for k in range(chunk.context_length + 1)])
+
+    return in_chunks(by_k, prompts).T
+
+
+@torch.no_grad()
+def full_context_errors(model: ToyTransformer, prompts: Prompts, noise: float) -> dict[str, Tensor]:
+    """Squared error of y_q divided by d at k = N only, per prompt ([B]), for the model and every baseline:
+    one forward pass per prompt, so it affords the many prompts a paired comparison of close estimators
+    needs."""
+    predictions = {"model": in_chunks(lambda chunk: model.predict(chunk.tokens()), prompts)}
+    for name, estimator in all_baselines(noise).items():
+        predictions[name] = estimator(prompts.inputs, prompts.labels, prompts.query)
+    return {name: (p - prompts.query_label).pow(2) / prompts.dim for name, p in predictions.items()}
 
 
 @torch.no_grad()
@@ -45,10 +73,13 @@ def patch_agreement(model: ToyTransformer, prompts: Prompts) -> dict:
     Run it on a float64 model and prompts for the exactness numbers. Relative difference: the largest
     |patched − with prompt| over prompts divided by the largest |with prompt|.
     """
-    tokens, query = prompts.tokens(), prompts.query_token()
-    with_prompt = model.predict(tokens)
-    patched = model.predict_patched(query, model.implicit_updates(tokens))
-    alone = model.predict(query[:, None])
+
+    def three_ways(chunk: Prompts) -> Tensor:  # [3, b]
+        tokens, query = chunk.tokens(), chunk.query_token()
+        patched = model.predict_patched(query, model.implicit_updates(tokens))
+        return torch.stack([model.predict(tokens), patched, model.predict(query[:, None])])
+
+    with_prompt, patched, alone = in_chunks(three_ways, prompts)
     difference = (patched - with_prompt).abs().max()
     target = prompts.query_label
     return {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from implicit_icl.report import Curve, ReportFigure, plot_curves
-from implicit_icl.toy.statistics import Estimate
+from implicit_icl.toy.statistics import Estimate, interval_text
 
 
 def _curve(label: str, x: list[float], estimate: Estimate, style: str = "-", band: bool = True) -> Curve:
@@ -59,7 +59,8 @@ def agreement_figure(out: Path, rows: list[dict], n_prompts: int) -> ReportFigur
     )
 
 
-def error_figure(out: Path, curves: dict[str, Estimate]) -> ReportFigure:
+def error_figure(out: Path, curves: dict[str, Estimate], checks: dict) -> ReportFigure:
+    """checks: `study.learning_checks`, for the paired comparison at k = N on its own many prompts."""
     ks = list(range(len(curves["model"].mean)))
     lines = [
         _curve(name, ks, est, "k-" if name == "model" else "--", band=name == "model") for name, est in curves.items()
@@ -73,7 +74,10 @@ def error_figure(out: Path, curves: dict[str, Estimate]) -> ReportFigure:
         f"Squared error of y_q divided by d against the number k of examples before the query, for the "
         f"trained model and the baselines (EXPERIMENTS.md §3), mean over {n} test prompts; the band is the "
         "model's bootstrap 95% interval. The model should fall below averaging and never below least squares "
-        "(Bayes-optimal without noise).",
+        f"(Bayes-optimal without noise). At k = N, on {checks['n_full_context_prompts']} further prompts, the "
+        f"model's error/d is {checks['model_error_over_d_at_N']:.4f}; paired differences (bootstrap 95%): "
+        f"model − averaging {interval_text(checks['model_minus_averaging_at_N'])}, model − one GD step "
+        f"{interval_text(checks['model_minus_one_gd_step_at_N'])}.",
     )
 
 

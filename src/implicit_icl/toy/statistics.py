@@ -37,3 +37,8 @@ def bootstrap(values: Tensor, generator: torch.Generator, n_resamples: int = 200
     means = counts @ values / n_prompts  # [R, n_points]
     low, high = means.quantile(torch.tensor([0.025, 0.975], dtype=means.dtype), dim=0)
     return Estimate(values.mean(0), low, high, values.shape[0])
+
+
+def interval_text(estimate: dict) -> str:
+    """One point of `Estimate.to_dict()` as "mean [low, high]"."""
+    return f"{estimate['mean'][0]:+.4f} [{estimate['ci95_low'][0]:+.4f}, {estimate['ci95_high'][0]:+.4f}]"

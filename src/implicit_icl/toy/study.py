@@ -25,9 +25,10 @@ class StudyConfig:
 
     n_test_prompts: int = 1000  # every curve point: error vs k, agreement, increments, fine-tuning, alignment
     n_held_out_prompts: int = 256  # separate tasks, only to pick the SGD step size
+    n_full_context_prompts: int = 20_000  # separate tasks, error at k = N only: model vs averaging, paired
     n_gd_identity_prompts: int = 8  # the GD identity check builds dense matrices
     n_rank_prompts: int = 256
-    step_size_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+    step_size_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
     seed: int = 0
 
 
@@ -36,6 +37,7 @@ class EvaluationSets:
     test: Prompts
     held_out: Prompts  # only for choosing the SGD step size
     shuffled: Prompts  # the test prompts with labels permuted within each prompt
+    full_context: Prompts  # only for the errors at k = N, where close estimators need many prompts
 
 
 def evaluation_sets(trained: TrainedModel, study: StudyConfig) -> EvaluationSets:
@@ -47,7 +49,8 @@ def evaluation_sets(trained: TrainedModel, study: StudyConfig) -> EvaluationSets
         return sample_prompts(n, config.dim, config.context_length, config.noise, generator)
 
     test, held_out = sample(study.n_test_prompts), sample(study.n_held_out_prompts)
-    return EvaluationSets(test, held_out, test.shuffled_labels(generator))
+    shuffled = test.shuffled_labels(generator)
+    return EvaluationSets(test, held_out, shuffled, sample(study.n_full_context_prompts))
 
 
 def checkpoint_agreement(trained: TrainedModel, prompts: Prompts) -> list[dict]:
@@ -112,19 +115,30 @@ def error_curves(trained: TrainedModel, sets: EvaluationSets, study: StudyConfig
     return experiments.squared_errors(trained.final(), sets.test, trained.config.noise)
 
 
-def learning_checks(errors: dict[str, Tensor], generator: torch.Generator) -> dict:
-    """The honesty checks of EXPERIMENTS.md §4, paired over prompts with bootstrap 95% intervals: the model
-    minus averaging at k = N (must be < 0), and least squares minus the model at every k (must not be > 0
-    beyond noise: the model would beat the Bayes-optimal estimator, a leak)."""
-    versus_averaging = bootstrap(errors["model"][:, -1] - errors["averaging"][:, -1], generator)
+def full_context_errors(trained: TrainedModel, sets: EvaluationSets) -> dict[str, Tensor]:
+    """Per-prompt error/d at k = N of the final model and every baseline on the many full-context prompts."""
+    return experiments.full_context_errors(trained.final(), sets.full_context, trained.config.noise)
+
+
+def learning_checks(errors: dict[str, Tensor], full_context: dict[str, Tensor], generator: torch.Generator) -> dict:
+    """The honesty checks of EXPERIMENTS.md §4, paired over prompts with bootstrap 95% intervals.
+
+    full_context: error/d at k = N ([B'] per estimator, many prompts): the model minus averaging must be < 0,
+    and the model minus one GD step is reported. errors: the curves ([B, N+1]): least squares minus the
+    model at every k must not be > 0 beyond noise (the model would beat the Bayes-optimal estimator: a leak).
+    """
+    gd = "one GD step (best η)"
     under_least_squares = bootstrap(errors["least squares"] - errors["model"], generator)
     return {
-        "model_error_over_d_at_N": errors["model"][:, -1].mean().item(),
-        "averaging_error_over_d_at_N": errors["averaging"][:, -1].mean().item(),
-        "one_gd_step_error_over_d_at_N": errors["one GD step (best η)"][:, -1].mean().item(),
-        "least_squares_error_over_d_at_N": errors["least squares"][:, -1].mean().item(),
-        "zero_error_over_d_at_N": errors["zero"][:, -1].mean().item(),
-        "model_minus_averaging_at_N": versus_averaging.to_dict(),
+        "n_full_context_prompts": full_context["model"].shape[0],
+        **{f"{_key(name)}_error_over_d_at_N": values.mean().item() for name, values in full_context.items()},
+        "model_minus_averaging_at_N": bootstrap(full_context["model"] - full_context["averaging"], generator).to_dict(),
+        "model_minus_one_gd_step_at_N": bootstrap(full_context["model"] - full_context[gd], generator).to_dict(),
         "model_below_least_squares_max": under_least_squares.mean.max().item(),
         "model_below_least_squares_max_ci95_low": under_least_squares.low.max().item(),
     }
+
+
+def _key(estimator: str) -> str:
+    """'one GD step (best η)' -> 'one_gd_step', '3-NN' -> '3_nn': metric names from estimator names."""
+    return estimator.split(" (")[0].lower().replace(" ", "_").replace("-", "_")

@@ -27,9 +27,9 @@ from implicit_icl.toy.progress import progress_bar
 class TrainConfig:
     steps: int = 3000
     batch_size: int = 256
-    learning_rate: float = 3e-3  # peak: linear warm-up, then linear decay to 0 at the last step
+    learning_rate: float = 1e-2  # peak: linear warm-up, then linear decay to 0 at the last step
     warmup_steps: int = 100
-    full_context_share: float = 0.5  # prompts seen with all N examples; the rest with k ~ uniform{1..N}
+    full_context_share: float = 0.8  # prompts seen with all N examples; the rest with k ~ uniform{1..N}
     n_checkpoints: int = 20  # besides step 0, evenly spaced up to the last step
     seed: int = 0
 
