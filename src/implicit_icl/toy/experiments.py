@@ -21,7 +21,7 @@ from implicit_icl.toy.model import ToyTransformer
 
 # Prompts per forward pass when evaluating: a whole test set at once allocates attention scores of
 # B·H·T² floats per pass (hundreds of MB in float64), which the allocator maps and unmaps every time.
-PROMPTS_PER_PASS = 128
+PROMPTS_PER_PASS = 32
 
 
 def in_chunks(measure: Callable[[Prompts], Tensor], prompts: Prompts) -> Tensor:

@@ -130,7 +130,9 @@ def run_study(trained: TrainedModel, study: StudyConfig, out: Path) -> dict:
     return metrics
 
 
-def demo(out: Path, n_prompts: int = 500, n_agreement_prompts: int = 200, n_full_context_prompts: int = 20_000) -> dict:
+def demo(
+    out: Path, n_prompts: int = 1000, n_agreement_prompts: int = 200, n_full_context_prompts: int = 20_000
+) -> dict:
     """The key figures on the shipped checkpoint in seconds: exactness at every checkpoint (on the first
     `n_agreement_prompts` test prompts: float64 at 21 checkpoints is the slow part), error vs k on `n_prompts`;
     the model against the baselines at k = N on `n_full_context_prompts` more prompts."""
