@@ -81,7 +81,7 @@ def test_the_query_never_sees_later_tokens():
     config = ToyConfig(**SMALL)
     model = build_model(config, 0).to(F64)
     prompts = prompts_for(config)
-    tokens, positions = training_batch(prompts, torch.Generator().manual_seed(0))
+    tokens, positions = training_batch(prompts, torch.Generator().manual_seed(0), full_context_share=0.5)
     scrambled = tokens.clone()
     for b, k in enumerate(positions.tolist()):
         scrambled[b, k + 1 :] = torch.randn_like(scrambled[b, k + 1 :])

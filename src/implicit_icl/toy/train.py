@@ -62,9 +62,7 @@ class TrainedModel:
         return self.model_at(max(self.checkpoints), dtype)
 
 
-def training_batch(
-    prompts: Prompts, generator: torch.Generator, full_context_share: float = 0.5
-) -> tuple[Tensor, Tensor]:
+def training_batch(prompts: Prompts, generator: torch.Generator, full_context_share: float) -> tuple[Tensor, Tensor]:
     """Tokens [B, N+1, d+1] with the query at position k, and those positions [B]: k = N for a share of
     the prompts, k ~ uniform{1..N} for the others."""
     tokens = torch.cat([prompts.example_tokens(), prompts.query_token()[:, None]], dim=1)
