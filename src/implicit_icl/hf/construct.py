@@ -40,7 +40,7 @@ from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_len
 from implicit_icl.hf.moe import ExpertsConstruction
 from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, spec_for
 from implicit_icl.patch import Delta, Patch, delta_hook, deltas_applied, forward_with, hooks_applied, onloaded
-from implicit_icl.theory import RankOneUpdate, output_rank_one, stable_norm_scale_patch
+from implicit_icl.theory import RankOneUpdate, output_rank_one, scale_reaching, stable_norm_scale_patch
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
 
@@ -304,7 +304,7 @@ class _LayerConstruction:
         # normalised output is parallel to the target, so the division is well-conditioned.
         target = self.seen["norm_output"] + shift
         normalized = _normalized(norm, mlp_output, 1.0 - spec.norm_offset).to(self.dtype)
-        deltas[f"{spec.post_mlp_norm}.weight"] = _scale_reaching(target, normalized) - scale
+        deltas[f"{spec.post_mlp_norm}.weight"] = scale_reaching(target, normalized) - scale
         return deltas
 
 
@@ -317,14 +317,3 @@ def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tens
     weight = torch.full(norm.weight.shape, unit_weight, dtype=dtype, device=mlp_output.device)
     with onloaded(norm):
         return forward_with(norm, {"weight": weight}, (mlp_output.to(dtype),))
-
-
-def _scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
-    """The scale s' with s' ⊙ n = target, elementwise; refuses coordinates where n = 0 but target is not."""
-    blocked = (normalized == 0) & (target != 0)
-    if blocked.any():
-        raise ImplicitICLError(
-            f"the normalised MLP output is zero at {int(blocked.sum())} coordinate(s) where the needed output is "
-            "not, so no norm-scale patch reaches it; use output 'stable'"
-        )
-    return torch.where(normalized == 0, torch.zeros_like(target), target / normalized)

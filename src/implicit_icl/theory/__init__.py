@@ -11,6 +11,7 @@ from implicit_icl.theory.output_side import (
     norm_scale_shift,
     output_rank_one,
     rms_normalize,
+    scale_reaching,
     stable_norm_scale_patch,
 )
 from implicit_icl.theory.rank_one import (
@@ -34,6 +35,7 @@ __all__ = [
     "rank_one_update",
     "residual_update",
     "rms_normalize",
+    "scale_reaching",
     "skip_update",
     "stable_norm_scale_patch",
 ]

@@ -42,14 +42,21 @@ def norm_scale_shift(shift: Tensor, mlp_output_context: Tensor, eps: float) -> T
     """
     check_finite("output shift", shift)
     check_finite("MLP output with context", mlp_output_context)
-    normalized = rms_normalize(mlp_output_context, eps)
-    blocked = (normalized == 0) & (shift != 0)
+    return scale_reaching(shift, rms_normalize(mlp_output_context, eps))
+
+
+def scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
+    """The elementwise scale s with s ⊙ normalized = target: [..., d] -> [..., d].
+
+    Coordinates where both are 0 get 0; where only `normalized` is 0 no scale reaches the target.
+    """
+    blocked = (normalized == 0) & (target != 0)
     if blocked.any():
         raise ImplicitICLError(
-            f"the normalised MLP output is zero at {int(blocked.sum())} coordinate(s) where the needed shift is "
-            "not, so no norm-scale patch reaches it; use the output-matrix patch instead"
+            f"the normalised MLP output is zero at {int(blocked.sum())} coordinate(s) where the needed change is "
+            "not, so no norm-scale patch reaches it; use the stable variant (output 'stable')"
         )
-    return torch.where(normalized == 0, torch.zeros_like(shift), shift / normalized)
+    return torch.where(normalized == 0, torch.zeros_like(target), target / normalized)
 
 
 def stable_norm_scale_patch(
