@@ -104,6 +104,20 @@ def test_save_and_load_round_trip(tmp_path):
     assert verify_patch(model, CONTEXT, QUERY, loaded).max_abs_logit_diff < 1e-9
 
 
+@pytest.mark.parametrize("damage", ["truncated tensors", "edited metadata"])
+def test_a_corrupt_saved_patch_is_refused_in_one_line(tmp_path, damage):
+    model = tiny_model("llama", seed=0)
+    directory = compute_patch(model, CONTEXT, QUERY).save(tmp_path / "patch")
+    if damage == "truncated tensors":
+        path = directory / "patch.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        (directory / "patch.json").write_text('{"family": "llama"')
+    with pytest.raises(ImplicitICLError, match="is corrupt") as raised:
+        Patch.load(directory)
+    assert "\n" not in str(raised.value)
+
+
 def test_loading_checks_the_patch_fits_the_model(tmp_path):
     patch = compute_patch(tiny_model("llama", seed=0), CONTEXT, QUERY)
     with pytest.raises(ImplicitICLError, match="computed for a 'llama' model, not 'gpt2'"):

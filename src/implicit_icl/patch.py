@@ -178,22 +178,27 @@ class Patch:
         directory = Path(directory)
         if not (directory / _METADATA_FILE).is_file() or not (directory / _TENSORS_FILE).is_file():
             raise ImplicitICLError(f"{directory} holds no saved patch ({_METADATA_FILE} + {_TENSORS_FILE})")
-        metadata = json.loads((directory / _METADATA_FILE).read_text())
-        tensors = load_file(directory / _TENSORS_FILE)
-        deltas = {
-            name: RankOneUpdate(tensors[f"{name}:u"], tensors[f"{name}:v"]) if kind == "rank-1" else tensors[name]
-            for name, kind in metadata["deltas"].items()
-        }
-        return cls(
-            deltas=deltas,
-            family=metadata["family"],
-            n_layers=metadata["n_layers"],
-            dtype=getattr(torch, metadata["dtype"]),
-            output=metadata["output"],
-            positions=tuple(metadata["positions"]),
-            drop=tuple(metadata["drop"]) if metadata["drop"] else None,
-            batched=metadata["batched"],
-        )
+        try:
+            metadata = json.loads((directory / _METADATA_FILE).read_text())
+            tensors = load_file(directory / _TENSORS_FILE)
+            deltas = {
+                name: RankOneUpdate(tensors[f"{name}:u"], tensors[f"{name}:v"]) if kind == "rank-1" else tensors[name]
+                for name, kind in metadata["deltas"].items()
+            }
+            return cls(
+                deltas=deltas,
+                family=metadata["family"],
+                n_layers=metadata["n_layers"],
+                dtype=getattr(torch, metadata["dtype"]),
+                output=metadata["output"],
+                positions=tuple(metadata["positions"]),
+                drop=tuple(metadata["drop"]) if metadata["drop"] else None,
+                batched=metadata["batched"],
+            )
+        except Exception as error:  # truncated or edited files fail in json, safetensors or a missing key
+            raise ImplicitICLError(
+                f"the patch in {directory} is corrupt ({type(error).__name__}: {error}); save it again"
+            ) from None
 
 
 def _layer_index(name: str) -> int | None:
