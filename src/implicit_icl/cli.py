@@ -12,7 +12,12 @@ from rich.table import Table
 
 from implicit_icl.errors import ImplicitICLError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The context of a transformer as an exact weight patch (learning without training). Every command "
+    "takes --json: one JSON object on stdout.",
+)
 console = Console()
 
 
