@@ -78,32 +78,49 @@ def reproduce(
     emit(headline(metrics), as_json, f"toy reproduction — {out / 'index.html'}")
 
 
-_CONTEXT_HELP = "context text (tokenized with the model's tokenizer)"
+# Options shared by the commands that take a Hugging Face model, a context and a query.
+_MODEL = typer.Option(..., "--model", help="local Hugging Face directory or hub name")
+_CONTEXT = typer.Option(None, help="context text (tokenized with the model's tokenizer)")
+_CONTEXT_FILE = typer.Option(None, help="file holding the context text")
+_CONTEXT_IDS = typer.Option(None, help='context token ids, e.g. "1 2 3" (models without tokenizer)')
+_QUERY_IDS = typer.Option(None, help='query token ids, e.g. "4"')
+_DTYPE = typer.Option("float32", help="model dtype: float32, float64 or bfloat16")
+_OUTPUT = typer.Option(None, help="output side: down, bias, norm or stable (default: the family's)")
+_JSON = typer.Option(False, "--json", help="print one JSON object")
+
+
+def _model_and_tokens(model, dtype, context, context_file, context_ids, query, query_ids):
+    """Load the model and turn the context and query options into token ids (ImplicitICLError if bad)."""
+    from implicit_icl.hf.commands import load_model, token_ids
+
+    loaded = load_model(model, dtype)
+    context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
+    return loaded, context_tokens, token_ids(loaded, "query", query, None, query_ids)
 
 
 @app.command()
 def patch(
-    model: str = typer.Option(..., "--model", help="local Hugging Face directory or hub name"),
-    context: str | None = typer.Option(None, help=_CONTEXT_HELP),
-    context_file: Path | None = typer.Option(None, help="file holding the context text"),
-    context_ids: str | None = typer.Option(None, help='context token ids, e.g. "1 2 3" (models without tokenizer)'),
+    model: str = _MODEL,
+    context: str | None = _CONTEXT,
+    context_file: Path | None = _CONTEXT_FILE,
+    context_ids: str | None = _CONTEXT_IDS,
     query: str | None = typer.Option(None, help="query text; the patch is for its last token"),
-    query_ids: str | None = typer.Option(None, help='query token ids, e.g. "4"'),
+    query_ids: str | None = _QUERY_IDS,
     drop: str | None = typer.Option(None, help="remove only the context span START:END (default: all of it)"),
-    dtype: str = typer.Option("float32", help="model dtype: float32, float64 or bfloat16"),
+    dtype: str = _DTYPE,
     arithmetic: str = typer.Option("float64", help="patch arithmetic: float32 or float64"),
-    output: str | None = typer.Option(None, help="output side: down, bias, norm or stable (default: the family's)"),
+    output: str | None = _OUTPUT,
     save: Path | None = typer.Option(None, help="save the patch (safetensors + JSON) into this folder"),
     peft: Path | None = typer.Option(None, help="also write it as a PEFT LoRA adapter (rank 1) into this folder"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    as_json: bool = _JSON,
 ) -> None:
     """The exact weight patch that makes the model without the context act as with it, checked."""
-    from implicit_icl.hf.commands import load_model, parse_drop, patch_report, token_ids
+    from implicit_icl.hf.commands import parse_drop, patch_report
 
     try:
-        loaded = load_model(model, dtype)
-        context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
-        query_tokens = token_ids(loaded, "query", query, None, query_ids)
+        loaded, context_tokens, query_tokens = _model_and_tokens(
+            model, dtype, context, context_file, context_ids, query, query_ids
+        )
         drop_span = parse_drop(drop)
         result = patch_report(loaded, context_tokens, query_tokens, drop_span, arithmetic, output, save, peft)
     except ImplicitICLError as error:
@@ -119,25 +136,25 @@ def patch(
 
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", help="local Hugging Face directory or hub name"),
-    context: str | None = typer.Option(None, help=_CONTEXT_HELP),
-    context_file: Path | None = typer.Option(None, help="file holding the context text"),
-    context_ids: str | None = typer.Option(None, help='context token ids, e.g. "1 2 3" (models without tokenizer)'),
+    model: str = _MODEL,
+    context: str | None = _CONTEXT,
+    context_file: Path | None = _CONTEXT_FILE,
+    context_ids: str | None = _CONTEXT_IDS,
     query: str | None = typer.Option(None, help="query text"),
-    query_ids: str | None = typer.Option(None, help='query token ids, e.g. "4"'),
+    query_ids: str | None = _QUERY_IDS,
     max_new_tokens: int = typer.Option(32, help="tokens to generate greedily"),
-    dtype: str = typer.Option("float32", help="model dtype: float32, float64 or bfloat16"),
+    dtype: str = _DTYPE,
     arithmetic: str = typer.Option("float32", help="patch arithmetic: float32 or float64"),
-    output: str | None = typer.Option(None, help="output side: down, bias, norm or stable (default: the family's)"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    output: str | None = _OUTPUT,
+    as_json: bool = _JSON,
 ) -> None:
     """Greedy generation with the context vs without it under per-token exact patches."""
-    from implicit_icl.hf.commands import generate_report, load_model, token_ids
+    from implicit_icl.hf.commands import generate_report
 
     try:
-        loaded = load_model(model, dtype)
-        context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
-        query_tokens = token_ids(loaded, "query", query, None, query_ids)
+        loaded, context_tokens, query_tokens = _model_and_tokens(
+            model, dtype, context, context_file, context_ids, query, query_ids
+        )
         result = generate_report(loaded, context_tokens, query_tokens, max_new_tokens, arithmetic, output)
     except ImplicitICLError as error:
         fail(error)
