@@ -2,8 +2,10 @@
 
 import os
 
+import pytest
 import torch
 from hypothesis import settings
+from transformers import OPTConfig, OPTForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,3 +18,18 @@ torch.set_num_threads(1)
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture(scope="session")
+def unsupported_model() -> OPTForCausalLM:
+    """A tiny model of a family without a spec (OPT), for the "unsupported family" errors."""
+    config = OPTConfig(
+        vocab_size=97,
+        hidden_size=16,
+        ffn_dim=20,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        word_embed_proj_dim=16,
+        max_position_embeddings=64,
+    )
+    return OPTForCausalLM(config).eval()

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
 from typer.testing import CliRunner
 
 from implicit_icl.cli import app
@@ -16,26 +15,15 @@ CONTEXT = "5 17 42 8 91 23 64 3 11 70"
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, unsupported_model):
     """family -> directory of a saved float32 zoo model (config + safetensors, no tokenizer)."""
     root = tmp_path_factory.mktemp("models")
     directories = {}
     for family in ("llama", "gemma2", "bert"):
         directories[family] = root / family
         tiny_model(family, seed=1, dtype=torch.float32).save_pretrained(directories[family])
-    unsupported = OPTForCausalLM(
-        OPTConfig(
-            vocab_size=97,
-            hidden_size=16,
-            ffn_dim=20,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            word_embed_proj_dim=16,
-            max_position_embeddings=64,
-        )
-    )
     directories["opt"] = root / "opt"
-    unsupported.save_pretrained(directories["opt"])
+    unsupported_model.save_pretrained(directories["opt"])
     return directories
 
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, every_position_patches, patched_generate, verify_patch
@@ -33,19 +32,9 @@ def test_bad_input_is_refused(context, query, kwargs, message):
         compute_patch(MODEL, context, query, **kwargs)
 
 
-def test_unknown_family_names_the_supported_ones():
-    config = AutoConfig.for_model(
-        "opt",
-        vocab_size=97,
-        hidden_size=16,
-        num_hidden_layers=1,
-        ffn_dim=20,
-        num_attention_heads=2,
-        word_embed_proj_dim=16,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+def test_unknown_family_names_the_supported_ones(unsupported_model):
     with pytest.raises(ImplicitICLError, match=r"unsupported model family 'opt'; supported: .*llama.*FamilySpec"):
-        compute_patch(model, IDS, IDS[:1])
+        compute_patch(unsupported_model, IDS, IDS[:1])
 
 
 def test_a_model_in_training_mode_is_refused():

@@ -49,14 +49,8 @@ _GQA = dict(_SIZES, num_key_value_heads=2)
 _GEMMA = dict(_GQA, head_dim=8, num_hidden_layers=3)
 # Partial rotary embeddings (GPT-NeoX, Phi) on head_dim 12: 6 rotated dimensions.
 _PARTIAL_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-_FALCON = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=36,
-    ffn_hidden_size=50,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    max_position_embeddings=MAX_POSITIONS,
-)
+# Falcon names the MLP width ffn_hidden_size.
+_FALCON = {("ffn_hidden_size" if key == "intermediate_size" else key): value for key, value in _SIZES.items()}
 
 # family -> variant -> config keyword arguments; the first variant of each family is its default.
 FAMILY_CONFIGS: dict[str, dict[str, dict]] = {
