@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from implicit_icl.hf import compute_patch, every_position_patches
-from implicit_icl.hf.capture import run_model
+from implicit_icl.hf.forward import ForwardInputs, run_model
 
 LAYERS, WIDTH, CONTEXT = 8, 512, 512
 # Llama's own vocabulary, and a small one: the head is a large part of a forward pass that the patch
@@ -41,11 +41,10 @@ def _ratios(vocab_size: int, repeats: int) -> list[tuple[str, float, str]]:
     median of the per-repeat ratios is robust to load that drifts on a shared machine."""
     model = llama_style(vocab_size)
     ids = torch.randint(0, vocab_size, (CONTEXT + 1,), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(CONTEXT + 1)[None]
     setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, vocab {vocab_size}, {CONTEXT}-token context, float32"
     # The reference is the forward pass the engine itself makes: eager attention, explicit positions and mask.
     steps = {
-        "forward": lambda: run_model(model, ids[None], positions),
+        "forward": lambda: run_model(model, ForwardInputs.plain(ids[None])),
         "query": lambda: compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32),
         "every": lambda: every_position_patches(model, ids, dtype=torch.float32),
     }

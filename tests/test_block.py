@@ -71,7 +71,7 @@ def test_every_position_has_its_own_exact_update(form, width, hidden, n_heads, n
         with_context = block(sequence)
         updates = block.updates_every_position(sequence)
         patched = block.forward_every_position(sequence, updates)
-    assert updates.weight.u.shape[0] == n_context + 1
+    assert updates.weight.batch_shape == (n_context + 1,) and updates.weight.rank == 1
     for position in range(n_context + 1):
         assert relative_error(patched[position], with_context[position]) <= TOLERANCE[dtype]
 

@@ -44,7 +44,7 @@ def test_prefix_updates_follow_online_gradient_descent(seed, width, inner, n_con
     weight, alone, prefixes, _ = attention_outputs(seed, width, inner * n_heads, n_context, n_heads)
     updates = prefix_updates(weight, prefixes, alone)
     # each W_i = W + ΔW_i reproduces the i-token prefix on the query alone
-    patched = weight @ alone + updates.apply(alone)
+    patched = weight @ alone + updates.apply(alone.expand(n_context, -1))
     torch.testing.assert_close(patched, prefixes @ weight.T, rtol=1e-10, atol=1e-10)
     # and the trajectory is online gradient descent on the linear losses L_i, step by step
     assert gradient_descent_errors(weight, prefixes, alone).max() <= 1e-10 * (1 + weight.abs().max())
@@ -59,7 +59,7 @@ def test_prefix_updates_follow_online_gradient_descent(seed, width, inner, n_con
 def test_factorised_dynamics_reproduce_the_context(seed, width, inner, n_context):
     weight, alone, prefixes, suffixes = attention_outputs(seed, width, inner, n_context, 1)
     factors = factorised_updates(suffixes, alone)
-    assert factors.u.shape == (n_context, inner)
+    assert factors.U.shape == factors.V.shape == (n_context, inner, 1)
     torch.testing.assert_close(apply_factorised(weight, factors, alone), weight @ prefixes[-1], rtol=1e-10, atol=1e-10)
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from implicit_icl import Patch
 from implicit_icl.cli import app
 from implicit_icl.hf.zoo import tiny_model
-from implicit_icl.patch import Patch
 
 runner = CliRunner()
 CONTEXT = "5 17 42 8 91 23 64 3 11 70"

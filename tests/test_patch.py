@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from implicit_icl import Patch
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, every_position_patches, verify_patch
 from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
-from implicit_icl.patch import Patch
-from implicit_icl.theory import RankOneUpdate
+from implicit_icl.theory import LowRankUpdate
 
 IDS = torch.randint(0, VOCAB_SIZE, (25,), generator=torch.Generator().manual_seed(0))
 CONTEXT, QUERY = IDS[:-1], IDS[-1:]
@@ -97,8 +97,8 @@ def test_save_and_load_round_trip(tmp_path):
     )
     for name, delta in patch.deltas.items():
         other = loaded.deltas[name]
-        if isinstance(delta, RankOneUpdate):
-            assert torch.equal(delta.u, other.u) and torch.equal(delta.v, other.v)
+        if isinstance(delta, LowRankUpdate):
+            assert torch.equal(delta.U, other.U) and torch.equal(delta.V, other.V)
         else:
             assert torch.equal(delta, other)
     assert verify_patch(model, CONTEXT, QUERY, loaded).max_abs_logit_diff < 1e-9
@@ -133,7 +133,7 @@ def test_loading_checks_the_patch_fits_the_model(tmp_path):
     with pytest.raises(ImplicitICLError, match="has no module model.layers.0.mlp.gate;"):
         with renamed.applied(model):
             pass
-    cut = replace(patch, deltas={name: RankOneUpdate(delta.u[:-1], delta.v)})
+    cut = replace(patch, deltas={name: LowRankUpdate(delta.U[:-1], delta.V)})
     with pytest.raises(ImplicitICLError, match=r"shape \(49, 36\) but the model's parameter has \(50, 36\)"):
         with cut.applied(model):
             pass

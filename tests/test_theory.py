@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from implicit_icl import ImplicitICLError
 from implicit_icl.theory import (
-    RankOneUpdate,
+    LowRankUpdate,
     norm_scale_shift,
     output_rank_one,
     rank_one_update,
@@ -55,7 +55,7 @@ def test_rank_one_update_reproduces_the_context_and_is_minimum_norm(out, inp, se
 @given(out=dims, inp=dims, batch=st.integers(1, 5), seed=seeds)
 def test_rank_one_factors_apply_like_the_dense_matrix(out, inp, batch, seed):
     g = torch.Generator().manual_seed(seed)
-    update = RankOneUpdate(randn(g, batch, out), randn(g, batch, inp))
+    update = LowRankUpdate.rank_one(randn(g, batch, out), randn(g, batch, inp))
     x = randn(g, batch, inp)
     torch.testing.assert_close(update.apply(x), (update.dense() @ x[..., None])[..., 0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(update.norm(), torch.linalg.matrix_norm(update.dense()), rtol=1e-12, atol=1e-12)
@@ -122,7 +122,11 @@ def test_mismatched_shapes_are_refused():
     with pytest.raises(ImplicitICLError, match="matrix"):
         rank_one_update(torch.ones(4), torch.ones(4), torch.ones(4))
     with pytest.raises(ImplicitICLError, match="batch shape"):
-        RankOneUpdate(torch.ones(2, 3), torch.ones(3, 3))
+        LowRankUpdate.rank_one(torch.ones(2, 3), torch.ones(3, 3))
+    with pytest.raises(ImplicitICLError, match="batch shape or rank"):
+        LowRankUpdate(torch.ones(4, 2), torch.ones(3, 3))
+    with pytest.raises(ImplicitICLError, match="do not start with the update's batch shape"):
+        LowRankUpdate(torch.ones(2, 4, 1), torch.ones(2, 3, 1)).apply(torch.ones(5, 3))
 
 
 def test_non_finite_values_are_refused():

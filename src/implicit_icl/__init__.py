@@ -4,16 +4,17 @@ import importlib
 
 from implicit_icl.block import BlockStates, ContextualBlock
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.theory import ImplicitUpdate, RankOneUpdate, rank_one_update
+from implicit_icl.theory import ImplicitUpdate, LowRankUpdate, rank_one_update
 
 __all__ = [
     "BlockStates",
     "ContextualBlock",
     "ImplicitICLError",
     "ImplicitUpdate",
+    "LowRankUpdate",
     "Patch",
-    "RankOneUpdate",
     "compute_patch",
+    "compute_patches",
     "every_position_patches",
     "patched_generate",
     "rank_one_update",
@@ -22,8 +23,9 @@ __version__ = "0.1.0"
 
 # The Hugging Face engine imports transformers, which takes seconds: load it on first use only.
 _LAZY = {
-    "Patch": "implicit_icl.patch",
+    "Patch": "implicit_icl.hf",
     "compute_patch": "implicit_icl.hf",
+    "compute_patches": "implicit_icl.hf",
     "every_position_patches": "implicit_icl.hf",
     "patched_generate": "implicit_icl.hf",
 }

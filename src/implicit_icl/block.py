@@ -1,7 +1,7 @@
 """Contextual blocks built from plain PyTorch modules, and their exact implicit updates.
 
 The user brings a contextual layer A (self-attention, an RNN, anything that reads a sequence) and an MLP
-whose first layer is an `nn.Linear`. Two block forms are covered (THEORY.md §2–3):
+whose first layer is an `nn.Linear`. Two block forms are covered (docs/theory.md §2–3):
 
     skip=False:  y = MLP(A(s))                                    [D, Thm 2.2]
     skip=True:   r = s + A(s),  y = r' + MLP(norm(z))              [D appendix; I, eq. 27–28]
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from implicit_icl.errors import ImplicitICLError, check_finite
-from implicit_icl.theory import ImplicitUpdate, RankOneUpdate, rank_one_update, residual_update
+from implicit_icl.theory import ImplicitUpdate, LowRankUpdate, rank_one_update, residual_update
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,10 @@ def _check_context(context: Tensor, query: Tensor) -> None:
 
 
 @contextmanager
-def _added_to_output(linear: nn.Linear, update: RankOneUpdate | None):
-    """Run `linear` as W + ΔW by adding u (v·x) to its output: no dense matrix, weights untouched.
+def _added_to_output(linear: nn.Linear, update: LowRankUpdate | None):
+    """Run `linear` as W + ΔW by adding ΔW x = U (Vᵀ x) to its output: no dense matrix, weights untouched.
 
-    A batched update [B, ·] meets inputs [B, T, in]: each sequence gets its own update.
+    A batched update [B] meets inputs [B, T, in]: each sequence gets its own update.
     """
     if update is None:
         yield
@@ -185,8 +185,7 @@ def _added_to_output(linear: nn.Linear, update: RankOneUpdate | None):
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
         (x,) = inputs
-        u, v = (update.u, update.v) if x.dim() == update.u.dim() else (update.u.unsqueeze(-2), update.v.unsqueeze(-2))
-        return output + (x * v).sum(-1, keepdim=True) * u
+        return output + update.apply(x)
 
     handle = linear.register_forward_hook(hook)
     try:

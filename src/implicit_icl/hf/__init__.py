@@ -1,6 +1,7 @@
 """Hugging Face models: exact implicit patches for the whole stack, from hooks on the unmodified model."""
 
-from implicit_icl.hf.construct import compute_patch, every_position_patches
+from implicit_icl.hf.apply import Patch
+from implicit_icl.hf.construct import compute_patch, compute_patches, every_position_patches
 from implicit_icl.hf.generate import Generation, patched_generate
 from implicit_icl.hf.spec import SPECS, FamilySpec, spec_for
 from implicit_icl.hf.verify import Verification, verify_every_position, verify_patch
@@ -9,8 +10,10 @@ __all__ = [
     "SPECS",
     "FamilySpec",
     "Generation",
+    "Patch",
     "Verification",
     "compute_patch",
+    "compute_patches",
     "every_position_patches",
     "patched_generate",
     "spec_for",

@@ -1,4 +1,4 @@
-"""Hooks on the unmodified Hugging Face model: read the context-ful run at chosen positions.
+"""Hooks on the unmodified Hugging Face model: read a context-ful run at chosen (sequence, position) rows.
 
 Decoder layers are called with the hidden states as first positional argument or as `hidden_states=`, and
 return a tensor or (Falcon) a tuple whose first entry is the hidden states; the helpers here accept both.
@@ -6,7 +6,7 @@ return a tensor or (Falcon) a tuple whose first entry is the hidden states; the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -14,15 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from implicit_icl.hf.spec import FamilySpec
-
-
-class StopForward(Exception):
-    """Raised by a hook after the last layer: the final norm and the head are not needed."""
-
-
-def layers_of(model: nn.Module, spec: FamilySpec) -> nn.ModuleList:
-    return model.get_submodule(spec.layers)
+from implicit_icl.hf.forward import ForwardInputs, StopForward, run_model
+from implicit_icl.hf.spec import FamilySpec, layers_of
 
 
 def hidden_argument(args: tuple, kwargs: dict) -> Tensor:
@@ -73,28 +66,9 @@ def _fresh(output: object) -> object:
     return output.clone() if isinstance(output, Tensor) else output
 
 
-def run_model(model: PreTrainedModel, input_ids: Tensor, position_ids: Tensor) -> Tensor | None:
-    """The model's output (logits, or the last hidden state of an encoder) for input_ids [batch, T] at
-    absolute positions position_ids [batch, T]; None when a hook stopped the run after the last layer.
-
-    The explicit all-ones attention mask matters: without it HF reads a jump in position_ids (a removed
-    span) as the start of another packed sequence and hides the tokens before it."""
-    mask = torch.ones_like(input_ids)
-    try:
-        output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
-    except StopForward:
-        return None
-    return output.logits if hasattr(output, "logits") else output.last_hidden_state
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where inputs go: the device of the input embeddings (a dispatched model spreads its layers)."""
-    return model.get_input_embeddings().weight.device
-
-
 @dataclass(frozen=True)
 class ContextStates:
-    """The context-ful run read at N positions, per layer l (tensors [N, ...] in the model's dtype).
+    """The context-ful run read at N rows, per layer l (tensors [N, ...] in the model's dtype).
 
     layer_inputs[l]: the hidden states entering layer l.
     residual_sums[l]: where the block output is compared (the layer output, or the input of the spec's
@@ -113,28 +87,25 @@ class ContextStates:
 
 @torch.no_grad()
 def record_context(
-    model: PreTrainedModel,
-    spec: FamilySpec,
-    input_ids: Tensor,
-    position_ids: Tensor,
-    positions: Sequence[int],
-    replay: bool = False,
+    model: PreTrainedModel, spec: FamilySpec, inputs: ForwardInputs, rows: Tensor, replay: bool = False
 ) -> ContextStates:
-    """One context-ful forward pass of input_ids [1, T], read at `positions`; stops after the last layer.
+    """One context-ful forward pass of `inputs` (any batch: plain, padded or with a custom mask), read at
+    rows [N, 2] of (sequence, position index); it stops after the last layer.
 
     replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`)."""
     layers = layers_of(model, spec)
     n_layers = len(layers)
-    index = torch.as_tensor(list(positions), device=model_device(model))
+    sequence, position = rows.to(inputs.input_ids.device).unbind(-1)
+    length = inputs.input_ids.shape[1]
     states = ContextStates(
         [None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
     )
 
-    def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the sequence flattened to [T, ...]
-        return tensor.index_select(0, index.to(tensor.device))  # a copy: models add to some outputs in place
+    def at_positions(tensor: Tensor) -> Tensor:  # [B, T, ...] -> [N, ...], a copy (models add in place)
+        return tensor[sequence.to(tensor.device), position.to(tensor.device)]
 
-    def at_positions(tensor: Tensor) -> Tensor:
-        return at_rows(tensor[0])
+    def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the batch flattened to [B * T, ...]
+        return tensor[(sequence * length + position).to(tensor.device)]
 
     def record_input(layer: int):
         def hook(module, args, kwargs):
@@ -165,10 +136,11 @@ def record_context(
 
     def record_router(layer: int):
         def hook(module, args, output):
-            logits, scores, indices = output
             experts = states.experts[layer]
-            experts["input"], experts["logits"] = at_rows(args[0]), at_rows(logits)
-            experts["scores"], experts["indices"] = at_rows(scores), at_rows(indices)
+            experts["input"] = at_rows(args[0])
+            experts.update(
+                {name: at_rows(value) for name, value in zip(spec.experts.router_outputs, output, strict=True)}
+            )
 
         return hook
 
@@ -181,8 +153,8 @@ def record_context(
     handles = []
     for layer, module in enumerate(layers):
         if spec.experts is not None:
-            handles.append(module.get_submodule(spec.router).register_forward_hook(record_router(layer)))
-            handles.append(module.get_submodule(spec.experts).register_forward_hook(record_experts(layer)))
+            handles.append(module.get_submodule(spec.experts.router).register_forward_hook(record_router(layer)))
+            handles.append(module.get_submodule(spec.experts.module).register_forward_hook(record_experts(layer)))
         handles.append(module.register_forward_pre_hook(record_input(layer), with_kwargs=True))
         handles.append(module.register_forward_hook(record_output(layer)))
         if spec.residual_sum is not None:
@@ -193,5 +165,5 @@ def record_context(
         for path in recorded:
             handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
     with hooked(handles):
-        run_model(model, input_ids, position_ids)
+        run_model(model, inputs)
     return states

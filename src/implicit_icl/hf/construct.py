@@ -1,4 +1,4 @@
-"""The chained construction of THEORY.md §5: the exact patch of every layer, from hooks on HF's own forward.
+"""The chained construction of docs/theory.md §5: the exact patch of every layer, from hooks on HF's own forward.
 
 1. One context-ful forward pass records, at the patched position, each layer's input h_C, the outputs of
    the MLP input matrices o_C = W z_C (+ b) and the block output y_C (`capture.record_context`).
@@ -19,30 +19,32 @@ Nothing here builds a dense delta: the factors come from activations (and, for e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError, safe_squared_norm
-from implicit_icl.hf.capture import (
-    ContextStates,
-    StopForward,
-    first_output,
-    hooked,
-    layers_of,
-    model_device,
-    record_context,
-    replayed,
-    run_model,
-    with_hidden_argument,
+from implicit_icl.hf.apply import (
+    Patch,
+    delta_hook,
+    deltas_applied,
+    forward_with,
+    hooks_applied,
+    model_fingerprint,
+    onloaded,
 )
+from implicit_icl.hf.capture import ContextStates, first_output, hooked, record_context, replayed, with_hidden_argument
+from implicit_icl.hf.forward import ForwardInputs, StopForward, model_device, run_model
 from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_length, patch_input
 from implicit_icl.hf.moe import ExpertsConstruction
-from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, spec_for
-from implicit_icl.patch import Delta, Patch, delta_hook, deltas_applied, forward_with, hooks_applied, onloaded
-from implicit_icl.theory import RankOneUpdate, output_rank_one, scale_reaching, stable_norm_scale_patch
+from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, layers_of, layers_path, spec_for
+from implicit_icl.patch import Delta, Source, concatenate
+from implicit_icl.theory import LowRankUpdate, output_rank_one, scale_reaching, stable_norm_scale_patch
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
+Pair = tuple[TokenIds, TokenIds]
 
 
 def compute_patch(
@@ -62,17 +64,37 @@ def compute_patch(
     (post-norm scale, for families that normalise the MLP output); default: the family's.
     dtype: the arithmetic dtype of the patch, float32 or float64, whatever the model's dtype.
     """
+    return compute_patches(model, [(context_ids, query_ids)], drop=drop, output=output, dtype=dtype)[0]
+
+
+def compute_patches(
+    model: PreTrainedModel,
+    pairs: Sequence[Pair],
+    drop: tuple[int, int] | None = None,
+    output: str | None = None,
+    dtype: torch.dtype = torch.float64,
+    padding: str = "left",
+) -> Patch:
+    """`compute_patch` for many (context_ids, query_ids) pairs at once: one padded context-ful forward
+    pass, one padded reduced pass. Returns a batched Patch whose entry i is the patch of pair i (apply
+    it to the batch of reduced inputs, or index it: patch[i]). padding: "left" or "right", for the
+    context-ful pass (the reduced pass is left-padded so that every patched token is the last one)."""
     spec, output = _check_settings(model, output, dtype)
-    inputs = patch_input(model, context_ids, query_ids, drop)
+    if not pairs:
+        raise ImplicitICLError("no (context, query) pairs given; give at least one")
+    inputs = [patch_input(model, context, query, drop) for context, query in pairs]
+    alone = all(item.kept.numel() == 1 for item in inputs)
+    if spec.experts is not None and not alone and len(inputs) > 1:
+        # A router is not linear in its input, so several reduced sequences cannot share one layer re-run.
+        return concatenate([compute_patches(model, [pair], drop, output, dtype) for pair in pairs])
     device = model_device(model)
-    full = inputs.full.to(device)
-    query_position = full.numel() - 1
-    kept = inputs.kept.to(device)
-    alone = kept.numel() == 1
-    positions = torch.arange(full.numel(), device=device)[None]
-    states = record_context(model, spec, full[None], positions, [query_position], replay=alone)
-    deltas = _chain(model, spec, states, full[kept][None], kept[None], output, dtype, feed_context_inputs=alone)
-    return _patch(model, spec, deltas, output, dtype, (query_position,), inputs)[0]  # the one reduced sequence
+    full = ForwardInputs.padded([item.full for item in inputs], side=padding).to(device)
+    lengths = torch.tensor([item.full.numel() for item in inputs])
+    last = torch.full_like(lengths, full.input_ids.shape[1] - 1) if padding == "left" else lengths - 1
+    states = record_context(model, spec, full, torch.stack([torch.arange(len(inputs)), last], -1), replay=alone)
+    reduced = ForwardInputs.padded([item.full[item.kept] for item in inputs], [item.kept for item in inputs])
+    deltas = chain_patches(model, spec, states, reduced.to(device), output, dtype, feed_context_inputs=alone)
+    return _patch(model, deltas, output, dtype, [_source(item) for item in inputs], drop)
 
 
 def every_position_patches(
@@ -93,9 +115,12 @@ def every_position_patches(
     device = model_device(model)
     ids = ids.to(device)
     positions = torch.arange(ids.numel(), device=device)
-    states = record_context(model, spec, ids[None], positions[None], positions.tolist(), replay=True)
-    deltas = _chain(model, spec, states, ids[:, None], positions[:, None], output, dtype, feed_context_inputs=True)
-    return _patch(model, spec, deltas, output, dtype, tuple(positions.tolist()), None)
+    rows = torch.stack([torch.zeros_like(positions), positions], -1)
+    states = record_context(model, spec, ForwardInputs.plain(ids[None]), rows, replay=True)
+    reduced = ForwardInputs.plain(ids[:, None], positions[:, None])
+    deltas = chain_patches(model, spec, states, reduced, output, dtype, feed_context_inputs=True)
+    sources = [Source(tuple(ids[:i].tolist()), (int(ids[i]),), (i,)) for i in range(ids.numel())]
+    return _patch(model, deltas, output, dtype, sources, None)
 
 
 def _check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dtype) -> tuple[FamilySpec, str]:
@@ -115,32 +140,42 @@ def _check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dty
     return spec, output
 
 
-def _patch(model, spec, deltas, output, dtype, positions, inputs: PatchInput | None) -> Patch:
+def _source(item: PatchInput) -> Source:
+    n = item.full.numel() - item.query_length
+    return Source(tuple(item.full[:n].tolist()), tuple(item.full[n:].tolist()), tuple(item.kept.tolist()))
+
+
+def _patch(model, deltas, output, dtype, sources: list[Source], drop) -> Patch:
+    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in deltas))
     return Patch(
         deltas=deltas,
         family=model.config.model_type,
-        n_layers=len(layers_of(model, spec)),
+        n_layers=model.config.num_hidden_layers,
         dtype=dtype,
         output=output,
-        positions=positions,
-        drop=inputs.drop if inputs else None,
+        sources=tuple(sources),
+        drop=drop,
         batched=True,
+        fingerprint=model_fingerprint(model, modules),
     )
 
 
 @torch.no_grad()
-def _chain(
+def chain_patches(
     model: PreTrainedModel,
     spec: FamilySpec,
     states: ContextStates,
-    input_ids: Tensor,
-    position_ids: Tensor,
+    reduced: ForwardInputs,
     output: str,
     dtype: torch.dtype,
     feed_context_inputs: bool,
 ) -> dict[str, Delta]:
-    """One reduced forward pass of input_ids [N, S] that builds every layer's patch (see the module
-    docstring). The patched token is the last of each sequence; deltas come batched over N."""
+    """One reduced forward pass of `reduced` [N, S] that builds every layer's patch (see the module
+    docstring), from the context-ful states recorded at N rows. The patched token is the last of each
+    reduced sequence (pad on the left); deltas come batched over N, keyed by full parameter name.
+
+    feed_context_inputs: the reduced sequences are one token each, so every layer is fed its recorded
+    context-ful input and replays what it can (no re-run of any layer)."""
     layers = layers_of(model, spec)
     constructions = [
         _LayerConstruction(
@@ -154,9 +189,10 @@ def _chain(
         for construction in constructions:
             replay.update(construction.replay_outputs())
     with hooked(handles), replayed(replay):
-        run_model(model, input_ids, position_ids)
+        run_model(model, reduced)
+    prefix = layers_path(model, spec)
     return {
-        f"{spec.layers}.{construction.index}.{name}": delta
+        f"{prefix}.{construction.index}.{name}": delta
         for construction in constructions
         for name, delta in construction.deltas.items()
     }
@@ -177,7 +213,13 @@ class _LayerConstruction:
         self.experts = None
         if spec.experts is not None:
             self.experts = ExpertsConstruction(
-                layer, index, spec, states.experts[index], self.deltas, dtype, other_tokens=not feed_context_inputs
+                layer,
+                index,
+                spec.experts,
+                states.experts[index],
+                self.deltas,
+                dtype,
+                other_tokens=not feed_context_inputs,
             )
 
     def register(self) -> list:
@@ -241,7 +283,7 @@ class _LayerConstruction:
                 except ImplicitICLError as error:
                     raise ImplicitICLError(f"layer {self.index}, {path}: {error}") from None
                 context_output = self.states.outputs[self.index][path]
-                self.deltas[name] = RankOneUpdate(
+                self.deltas[name] = LowRankUpdate.rank_one(
                     context_output.to(self.dtype) - self._query(output), z / squared[:, None]
                 )
             if self.feed_context_inputs:  # every reduced token is a patched one: (W + ΔW) z = W z_C
@@ -260,7 +302,7 @@ class _LayerConstruction:
             output_deltas = self._output_side(shift)
         except ImplicitICLError as error:
             raise ImplicitICLError(
-                f"layer {self.index}, {self.spec.mlp_output or self.spec.experts}: {error}"
+                f"layer {self.index}, {self.spec.mlp_output or self.spec.experts.module}: {error}"
             ) from None
         self.deltas.update(output_deltas)
         if self.feed_context_inputs:
@@ -294,7 +336,7 @@ class _LayerConstruction:
             scale = norm.weight.to(self.dtype) + spec.norm_offset
         mlp_output, deltas = self.seen["norm_input"], {}
         if self.output == "stable":
-            eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+            eps = getattr(norm, spec.norm_eps)
             down, _ = stable_norm_scale_patch(shift, mlp_output, inner, scale, eps)
             mlp_output = mlp_output + down.apply(inner)
             deltas[f"{spec.mlp_output}.weight"] = down

@@ -15,8 +15,8 @@ from rich.progress import track
 from transformers import PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.capture import model_device, run_model
 from implicit_icl.hf.construct import compute_patch
+from implicit_icl.hf.forward import ForwardInputs, model_device, run_model
 from implicit_icl.hf.inputs import TokenIds, check_length, patch_input
 
 
@@ -61,12 +61,12 @@ def patched_generate(
     if progress:
         steps = track(steps, description="generating", console=Console(stderr=True), transient=True)
     for _ in steps:
-        logits = run_model(model, with_context[None], torch.arange(with_context.numel(), device=device)[None])
+        logits = run_model(model, ForwardInputs.plain(with_context[None]))
         with_context = torch.cat([with_context, logits[0, -1].argmax()[None].to(device)])
         patch = compute_patch(model, patched[:-1], patched[-1:], output=output, dtype=dtype)
         position = torch.tensor([[patched.numel() - 1]], device=device)
         with patch.applied(model, via=via):
-            logits = run_model(model, patched[-1:][None], position)
+            logits = run_model(model, ForwardInputs.plain(patched[-1:][None], position))
         patched = torch.cat([patched, logits[0, -1].argmax()[None].to(device)])  # the head may sit elsewhere
     new_with_context = with_context[-max_new_tokens:].tolist()
     new_patched = patched[-max_new_tokens:].tolist()

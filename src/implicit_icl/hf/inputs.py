@@ -47,13 +47,15 @@ def check_length(model: PreTrainedModel, length: int) -> None:
 class PatchInput:
     """The context-ful sequence and the reduced one the patched model will see.
 
-    full: [T] ids of context then query. kept: [S] absolute positions of the reduced input (the context
-    without the span `drop`, then the query); the patched token is the last one, at position T − 1.
+    full: [T] ids of context then query (the last `query_length` of them). kept: [S] absolute positions
+    of the reduced input (the context without the span `drop`, then the query); the patched token is
+    the last one, at position T − 1.
     """
 
     full: Tensor
     kept: Tensor
     drop: tuple[int, int] | None
+    query_length: int
 
 
 def patch_input(
@@ -78,4 +80,4 @@ def patch_input(
     start, end = drop if drop is not None else (0, n)
     positions = torch.arange(n + query.numel())
     kept = positions[(positions < start) | (positions >= end)]
-    return PatchInput(torch.cat([context, query]), kept, drop)
+    return PatchInput(torch.cat([context, query]), kept, drop, query.numel())

@@ -1,8 +1,8 @@
-"""Mixture-of-experts MLPs (Mixtral layout): a router and fused experts, patched exactly (THEORY.md §4).
+"""Mixture-of-experts MLPs (Mixtral layout): a router and fused experts, patched exactly (docs/theory.md §4).
 
 The block computes, for its input z, router logits W_r z, picks the top-k experts with weights p_k, and
 outputs Σ_k p_k W_down,k act(W_gate,k z) ⊙ (W_up,k z); the experts' matrices are stacked in two
-parameters, gate_up_proj [E, 2I, H] (gate rows first) and down_proj [E, H, I].
+parameters, gate_up [E, 2I, H] (gate rows first) and down [E, H, I] (names and paths: spec.ExpertsSpec).
 
 Input side: the router and the gate_up matrix of every expert the context picked get the rank-1 update
 W (z_C − z) z^T/||z||^2 (the same right factor), so the same experts, weights and activations come out.
@@ -23,8 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from implicit_icl.errors import ImplicitICLError, safe_squared_norm
-from implicit_icl.patch import Delta, deltas_applied, onloaded
-from implicit_icl.theory import RankOneUpdate
+from implicit_icl.hf.apply import deltas_applied, onloaded
+from implicit_icl.hf.spec import ExpertsSpec
+from implicit_icl.patch import Delta
+from implicit_icl.theory import LowRankUpdate
 
 
 class ExpertsConstruction:
@@ -35,9 +37,9 @@ class ExpertsConstruction:
     delta dict, filled in place; other_tokens: whether the reduced input holds tokens besides the patched
     ones, which must then see the patched block (in place in the weights while it runs)."""
 
-    def __init__(self, layer: nn.Module, index: int, spec, context, deltas, dtype, other_tokens: bool):
-        self.router_path, self.experts_path, self.index = spec.router, spec.experts, index
-        self.router, self.experts = layer.get_submodule(spec.router), layer.get_submodule(spec.experts)
+    def __init__(self, layer: nn.Module, index: int, spec: ExpertsSpec, context, deltas, dtype, other_tokens: bool):
+        self.spec, self.index = spec, index
+        self.router, self.experts = layer.get_submodule(spec.router), layer.get_submodule(spec.module)
         self.block = layer.get_submodule(spec.router.rsplit(".", 1)[0])
         self.layer, self.context, self.deltas = layer, context, deltas
         self.dtype, self.other_tokens = dtype, other_tokens
@@ -59,26 +61,27 @@ class ExpertsConstruction:
 
     def _input_side(self, module, args) -> None:
         """Before the block runs: the input-side deltas from the reduced input z at the patched token."""
-        if f"{self.router_path}.weight" in self.deltas:
+        spec = self.spec
+        if f"{spec.router}.weight" in self.deltas:
             return  # a re-run of the layer, with every delta already in the weights
         z = args[0][:, -1].to(self.dtype)
         try:
             squared = safe_squared_norm("the MLP input z without context", z)
         except ImplicitICLError as error:
-            raise ImplicitICLError(f"layer {self.index}, {self.router_path}: {error}") from None
+            raise ImplicitICLError(f"layer {self.index}, {spec.router}: {error}") from None
         difference = self.context["input"].to(self.dtype) - z
         right = z / squared[:, None]
         with onloaded(self.router), onloaded(self.experts):  # offloaded weights live on meta outside forward
-            router_weight, gate_up = self.router.weight.to(z), self.experts.gate_up_proj
+            router_weight, gate_up = self.router.weight.to(z), getattr(self.experts, spec.gate_up)
             input_deltas = {
-                f"{self.router_path}.weight": RankOneUpdate(difference @ router_weight.T, right),
-                f"{self.experts_path}.gate_up_proj": RankOneUpdate(
+                f"{spec.router}.weight": LowRankUpdate.rank_one(difference @ router_weight.T, right),
+                f"{spec.module}.{spec.gate_up}": LowRankUpdate.rank_one(
                     self._picked_products(gate_up, difference), right[:, None].expand(-1, gate_up.shape[0], -1)
                 ),
             }
             # a_k of the picked experts [N, E, I], for the output side, while the weights are at hand
             gate, up = self._picked_products(gate_up, self.context["input"].to(self.dtype)).chunk(2, dim=-1)
-        self._inner = self.experts.act_fn(gate) * up
+        self._inner = getattr(self.experts, spec.activation)(gate) * up
         self.deltas.update(input_deltas)
         if self.other_tokens:
             unbatched = {name: delta[0] for name, delta in input_deltas.items()}
@@ -94,7 +97,8 @@ class ExpertsConstruction:
             raise ImplicitICLError("the router gave the picked experts zero total weight, so no expert can add δ")
         mask = picked[..., None].to(self.dtype)
         left = (shift / weights[:, None])[:, None] * mask  # [N, E, H]
-        return {f"{self.experts_path}.down_proj": RankOneUpdate(left, inner / squared[..., None] * mask)}
+        down = f"{self.spec.module}.{self.spec.down}"
+        return {down: LowRankUpdate.rank_one(left, inner / squared[..., None] * mask)}
 
     def _picked_products(self, stacked: Tensor, vectors: Tensor) -> Tensor:
         """W_e x_n for the experts e picked at token n, zero for the others, one expert at a time as HF's
@@ -109,7 +113,6 @@ class ExpertsConstruction:
     def _picked(self) -> Tensor:
         """[N, E] mask of the experts the context-ful run picked at each patched token."""
         indices = self.context["indices"]
-        picked = torch.zeros(
-            indices.shape[0], self.experts.gate_up_proj.shape[0], dtype=torch.bool, device=indices.device
-        )
+        n_experts = getattr(self.experts, self.spec.gate_up).shape[0]
+        picked = torch.zeros(indices.shape[0], n_experts, dtype=torch.bool, device=indices.device)
         return picked.scatter_(1, indices, True)

@@ -15,10 +15,11 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.capture import first_output, hooked, layers_of, model_device, run_model
+from implicit_icl.hf.apply import Patch
+from implicit_icl.hf.capture import first_output, hooked
+from implicit_icl.hf.forward import ForwardInputs, model_device, run_model
 from implicit_icl.hf.inputs import TokenIds, as_token_ids, patch_input
-from implicit_icl.hf.spec import spec_for
-from implicit_icl.patch import Patch
+from implicit_icl.hf.spec import layers_of, spec_for
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _read_run(
         for layer in layers_of(model, spec_for(model))
     ]
     with hooked(handles):
-        logits = run_model(model, input_ids, position_ids)
+        logits = run_model(model, ForwardInputs.plain(input_ids, position_ids))
     return select(logits), layer_outputs
 
 

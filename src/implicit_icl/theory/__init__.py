@@ -1,4 +1,4 @@
-"""The identities of THEORY.md on plain tensors: exact implicit updates, output-side solvers, dynamics."""
+"""The identities of docs/theory.md on plain tensors: exact implicit updates, output-side solvers, dynamics."""
 
 from implicit_icl.theory.dynamics import (
     apply_factorised,
@@ -7,6 +7,7 @@ from implicit_icl.theory.dynamics import (
     increment_norms,
     prefix_updates,
 )
+from implicit_icl.theory.low_rank import LowRankUpdate
 from implicit_icl.theory.output_side import (
     norm_scale_shift,
     output_rank_one,
@@ -16,7 +17,6 @@ from implicit_icl.theory.output_side import (
 )
 from implicit_icl.theory.rank_one import (
     ImplicitUpdate,
-    RankOneUpdate,
     rank_one_update,
     residual_update,
     skip_update,
@@ -24,7 +24,7 @@ from implicit_icl.theory.rank_one import (
 
 __all__ = [
     "ImplicitUpdate",
-    "RankOneUpdate",
+    "LowRankUpdate",
     "apply_factorised",
     "factorised_updates",
     "gradient_descent_errors",

@@ -1,4 +1,4 @@
-"""Implicit learning dynamics of THEORY.md §6: the context consumed one token at a time.
+"""Implicit learning dynamics of docs/theory.md §6: the context consumed one token at a time.
 
 Notation: a = A(x) is the query's contextual output alone, A_i = A(c_1..c_i, x) after the first i context
 tokens (A_0 = a). The prefix updates ΔW_i = W (A_i − a) a^T / ||a||^2 share their right factor, so the
@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, safe_squared_norm
-from implicit_icl.theory.rank_one import RankOneUpdate, rank_one_update
+from implicit_icl.theory.low_rank import LowRankUpdate
+from implicit_icl.theory.rank_one import rank_one_update
 
 
 def _check_sequence(name: str, sequence: Tensor, query: Tensor) -> None:
@@ -20,12 +21,12 @@ def _check_sequence(name: str, sequence: Tensor, query: Tensor) -> None:
     check_last_dim(name, sequence, query.shape[-1])
 
 
-def prefix_updates(weight: Tensor, attention_prefixes: Tensor, attention_query: Tensor) -> RankOneUpdate:
+def prefix_updates(weight: Tensor, attention_prefixes: Tensor, attention_query: Tensor) -> LowRankUpdate:
     """ΔW(c_1..c_i) for every prefix i = 1..n.
 
     weight: [out, in]; attention_prefixes: [..., n, in], row i−1 = A(c_1..c_i, x); attention_query A(x):
-    [..., in]. Leading dimensions are independent prompts. Returns a batched update with u: [..., n, out]
-    and v: [..., n, in] (the same row n times).
+    [..., in]. Leading dimensions are independent prompts. Returns a batched rank-1 update with U: [..., n, out, 1]
+    and V: [..., n, in, 1] (the same right factor n times).
     """
     if attention_prefixes.dim() < 2 or attention_prefixes.shape[-2] == 0:
         raise ImplicitICLError(
@@ -36,14 +37,15 @@ def prefix_updates(weight: Tensor, attention_prefixes: Tensor, attention_query: 
     return rank_one_update(weight, attention_prefixes, reference)
 
 
-def increment_norms(updates: RankOneUpdate) -> Tensor:
+def increment_norms(updates: LowRankUpdate) -> Tensor:
     """||W_{i+1} − W_i||_F for i = 0..n−1 (W_0 = W) from prefix updates with a shared right factor.
 
-    updates: u [..., n, out], v [..., n, in] as returned by `prefix_updates`. Returns [..., n]; entry 0 is
+    updates: U [..., n, out, 1], V [..., n, in, 1] as returned by `prefix_updates`. Returns [..., n]; entry 0 is
     ||ΔW_1||.
     """
-    steps = torch.diff(updates.u, dim=-2, prepend=torch.zeros_like(updates.u[..., :1, :]))
-    return steps.norm(dim=-1) * updates.v.norm(dim=-1)
+    u, v = updates.U[..., 0], updates.V[..., 0]
+    steps = torch.diff(u, dim=-2, prepend=torch.zeros_like(u[..., :1, :]))
+    return steps.norm(dim=-1) * v.norm(dim=-1)
 
 
 def gradient_descent_errors(weight: Tensor, attention_prefixes: Tensor, attention_query: Tensor) -> Tensor:
@@ -70,25 +72,25 @@ def gradient_descent_errors(weight: Tensor, attention_prefixes: Tensor, attentio
     return torch.stack(errors)
 
 
-def factorised_updates(attention_suffixes: Tensor, attention_query: Tensor) -> RankOneUpdate:
+def factorised_updates(attention_suffixes: Tensor, attention_query: Tensor) -> LowRankUpdate:
     """The one-token-at-a-time factorisation W_n = W_0 (I + h_1 A_1) … (I + h_n A_n).
 
     attention_suffixes: [n, in], row i−1 = B_i = A(c_i..c_n, x); attention_query B_{n+1} = A(x): [in].
     Factor i acts on the input space: I + u_i v_i^T with u_i = B_i − B_{i+1} and
-    v_i = B_{i+1} / ||B_{i+1}||^2, so that it maps B_{i+1} to B_i. Returns u, v: [n, in].
+    v_i = B_{i+1} / ||B_{i+1}||^2, so that it maps B_{i+1} to B_i. Returns rank-1 factors U, V: [n, in, 1].
     """
     _check_sequence("attention_suffixes", attention_suffixes, attention_query)
     check_finite("attention_suffixes", attention_suffixes)
     following = torch.cat([attention_suffixes[1:], attention_query[None]])
     squared = safe_squared_norm("a suffix output A(c_(i+1)..c_n, x)", following)
-    return RankOneUpdate(attention_suffixes - following, following / squared.unsqueeze(-1))
+    return LowRankUpdate.rank_one(attention_suffixes - following, following / squared.unsqueeze(-1))
 
 
-def apply_factorised(weight: Tensor, factors: RankOneUpdate, x: Tensor) -> Tensor:
+def apply_factorised(weight: Tensor, factors: LowRankUpdate, x: Tensor) -> Tensor:
     """W_0 (I + u_1 v_1^T) … (I + u_n v_n^T) x, right to left, without building a matrix.
 
-    weight: [out, in]; factors: u, v [n, in]; x: [..., in] -> [..., out].
+    weight: [out, in]; factors: U, V [n, in, 1]; x: [..., in] -> [..., out].
     """
-    for i in reversed(range(factors.u.shape[0])):
+    for i in reversed(range(factors.batch_shape[0])):
         x = x + factors[i].apply(x)
     return x @ weight.T

@@ -1,4 +1,4 @@
-"""Output-side solvers of THEORY.md §4: add a shift δ = r_C − r to a block's output by a weight change.
+"""Output-side solvers of docs/theory.md §4: add a shift δ = r_C − r to a block's output by a weight change.
 
 Once the input side makes the MLP produce its context-ful output, what remains is the difference δ of
 the residual streams. Which parameter can absorb it depends on the architecture:
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, safe_squared_norm
-from implicit_icl.theory.rank_one import RankOneUpdate
+from implicit_icl.theory.low_rank import LowRankUpdate
 
 
-def output_rank_one(shift: Tensor, inner_context: Tensor) -> RankOneUpdate:
+def output_rank_one(shift: Tensor, inner_context: Tensor) -> LowRankUpdate:
     """ΔW_down = δ a_C^T / ||a_C||^2, so that (W_down + ΔW_down) a_C = W_down a_C + δ.
 
     shift δ: [..., out]; inner_context a_C (the activation W_down reads): [..., in].
@@ -26,7 +26,7 @@ def output_rank_one(shift: Tensor, inner_context: Tensor) -> RankOneUpdate:
     check_finite("output shift", shift)
     check_finite("inner activation with context", inner_context)
     squared = safe_squared_norm("the inner activation a_C read by the output matrix", inner_context)
-    return RankOneUpdate(shift, inner_context / squared.unsqueeze(-1))
+    return LowRankUpdate.rank_one(shift, inner_context / squared.unsqueeze(-1))
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -61,7 +61,7 @@ def scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
 
 def stable_norm_scale_patch(
     shift: Tensor, mlp_output_context: Tensor, inner_context: Tensor, scale: Tensor, eps: float
-) -> tuple[RankOneUpdate, Tensor]:
+) -> tuple[LowRankUpdate, Tensor]:
     """The low-precision-friendly post-norm patch ([G]): a rank-1 ΔW_down, then a uniform rescale of s.
 
     The block outputs r + s ⊙ n(m); it must output r + s ⊙ n(m_C) + δ = r + s ⊙ t with

@@ -1,4 +1,4 @@
-"""The implicit rank-1 update of THEORY.md §2–3 on plain tensors.
+"""The implicit rank-1 update of docs/theory.md §2–3 on plain tensors.
 
 A contextual block feeds W (the first dense matrix of its MLP) with A(C, x) when the context C is present
 and with A(x) (or A(C\\Y, x)) when it is removed. The update
@@ -6,63 +6,20 @@ and with A(x) (or A(C\\Y, x)) when it is removed. The update
     ΔW = (W ΔA) a^T / ||a||^2,   ΔA = a_C − a,
 
 makes (W + ΔW) a = W a_C, so the rest of the MLP sees exactly what it saw with the context. ΔW is kept
-factored as u v^T with u = W ΔA and v = a / ||a||^2; a dense matrix is only built on request.
+factored as u v^T with u = W ΔA and v = a / ||a||^2 (a `LowRankUpdate` of rank 1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, safe_squared_norm
+from implicit_icl.theory.low_rank import LowRankUpdate
 
 
-@dataclass(frozen=True)
-class RankOneUpdate:
-    """ΔW = u v^T in nn.Linear orientation (W is [out, in]), optionally batched.
-
-    u: [..., out]; v: [..., in]. Leading dimensions index independent updates (one per position, per
-    prefix, ...); they broadcast against the inputs given to `apply`.
-    """
-
-    u: Tensor
-    v: Tensor
-
-    def __post_init__(self) -> None:
-        if self.u.shape[:-1] != self.v.shape[:-1]:
-            raise ImplicitICLError(
-                f"rank-1 factors disagree on their batch shape: u {tuple(self.u.shape)}, v {tuple(self.v.shape)}"
-            )
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in): the shape of the matrix this update is added to."""
-        return self.u.shape[-1], self.v.shape[-1]
-
-    def apply(self, x: Tensor) -> Tensor:
-        """ΔW x without building ΔW. x: [..., in] -> [..., out]."""
-        check_last_dim("input of the rank-1 update", x, self.v.shape[-1])
-        return (x * self.v).sum(-1, keepdim=True) * self.u
-
-    def dense(self) -> Tensor:
-        """The matrix u v^T: [..., out, in]. Only for merging and checks; costs out × in memory."""
-        return self.u.unsqueeze(-1) * self.v.unsqueeze(-2)
-
-    def norm(self) -> Tensor:
-        """||u v^T||_F = ||u v^T||_2 = ||u|| ||v||, computed from the factors: [...]."""
-        return self.u.norm(dim=-1) * self.v.norm(dim=-1)
-
-    def to(self, dtype: torch.dtype) -> RankOneUpdate:
-        return RankOneUpdate(self.u.to(dtype), self.v.to(dtype))
-
-    def __getitem__(self, index) -> RankOneUpdate:
-        """Select among the leading (batch) dimensions."""
-        return RankOneUpdate(self.u[index], self.v[index])
-
-
-def rank_one_update(weight: Tensor, input_context: Tensor, input_reduced: Tensor) -> RankOneUpdate:
+def rank_one_update(weight: Tensor, input_context: Tensor, input_reduced: Tensor) -> LowRankUpdate:
     """The exact update of Thm 2.2: (W + ΔW) a = W a_C with ΔW of minimum Frobenius norm.
 
     weight: [out, in] (nn.Linear orientation); input_context a_C and input_reduced a: [..., in], the
@@ -82,7 +39,7 @@ def rank_one_update(weight: Tensor, input_context: Tensor, input_reduced: Tensor
     squared = safe_squared_norm("the input without context (the reference vector a)", input_reduced)
     u = (input_context - input_reduced) @ weight.T
     v = input_reduced / squared.unsqueeze(-1)
-    return RankOneUpdate(u, v)
+    return LowRankUpdate.rank_one(u, v)
 
 
 @dataclass(frozen=True)
@@ -90,12 +47,12 @@ class ImplicitUpdate:
     """What a block needs to forget its context: a rank-1 update of the first MLP matrix, and for
     blocks with a skip connection an output shift.
 
-    weight: ΔW of the first MLP matrix, factors [..., out], [..., in].
+    weight: ΔW of the first MLP matrix, rank 1: U [..., out, 1], V [..., in, 1].
     bias_shift: Δb' [..., d_model] added to the block output (a steering vector on the residual
     stream), or None for a block without a skip around its MLP.
     """
 
-    weight: RankOneUpdate
+    weight: LowRankUpdate
     bias_shift: Tensor | None = None
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from implicit_icl.block import ContextualBlock
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.theory import RankOneUpdate
+from implicit_icl.theory import LowRankUpdate
 from implicit_icl.toy.data import Prompts
 
 
@@ -47,7 +47,7 @@ def _lone_predictions(block: ContextualBlock, tokens: Tensor, delta: Tensor) -> 
 
 
 def finetune(
-    block: ContextualBlock, prompts: Prompts, step_size: float | Tensor, implicit: RankOneUpdate | None = None
+    block: ContextualBlock, prompts: Prompts, step_size: float | Tensor, implicit: LowRankUpdate | None = None
 ) -> FinetuneRun:
     """Online SGD on W over the N examples in order, batched over prompts (each prompt its own copy of W).
 
@@ -77,9 +77,9 @@ def finetune(
     return FinetuneRun(torch.stack(losses, 1), torch.stack(alignments, 1) if alignments else None)
 
 
-def _cosine(update: RankOneUpdate, dense: Tensor) -> Tensor:
-    """<u vᵀ, D>_F / (||u vᵀ||_F ||D||_F) = uᵀ D v / (||u|| ||v|| ||D||_F), batched: [B]."""
-    inner = (update.u.unsqueeze(-2) @ dense @ update.v.unsqueeze(-1)).reshape(-1)
+def _cosine(update: LowRankUpdate, dense: Tensor) -> Tensor:
+    """<U Vᵀ, D>_F / (||U Vᵀ||_F ||D||_F) with <U Vᵀ, D>_F = trace(Uᵀ D V), batched: [B]."""
+    inner = (update.U.transpose(-1, -2) @ dense @ update.V).diagonal(dim1=-2, dim2=-1).sum(-1)
     return inner / (update.norm() * dense.flatten(1).norm(dim=-1)).clamp_min(torch.finfo(dense.dtype).tiny)
 
 
