@@ -43,3 +43,41 @@ def test_shifts_that_lora_cannot_express_are_refused(tmp_path):
     with pytest.raises(ImplicitICLError, match="experts.gate_up_proj holds a stacked shift"):
         compute_patch(mixtral, IDS[:-1], IDS[-1:]).to_peft(tmp_path, mixtral)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_rank_three_patch_survives_save_load_and_peft(tmp_path):
+    """Rank-3 deltas on gate/up, rank 1 on down: saved, loaded, exported with rank_pattern, loaded by PEFT."""
+    from dataclasses import replace
+
+    from implicit_icl import Patch
+    from implicit_icl.theory import LowRankUpdate
+
+    model = tiny_model("llama", seed=2, dtype=torch.float32)
+    exact = compute_patch(model, IDS[:-1], IDS[-1:], dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    deltas = {}
+    for name, delta in exact.deltas.items():
+        if "down_proj" in name:
+            deltas[name] = delta
+            continue
+        out, inp = delta.shape
+        extra = LowRankUpdate(
+            0.05 * torch.randn(out, 2, generator=generator), 0.05 * torch.randn(inp, 2, generator=generator)
+        )
+        deltas[name] = delta + extra  # rank 3
+    patch = replace(exact, deltas=deltas)
+    patch.save(tmp_path / "patch")
+    loaded = Patch.load(tmp_path / "patch")
+    assert {row["kind"] for row in loaded.summary()} == {"rank-3", "rank-1"}
+    loaded.to_peft(tmp_path / "adapter", model)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 3 and set(config["rank_pattern"].values()) == {1}
+    query, position = IDS[-1:][None], torch.tensor([[20]])
+    with torch.no_grad():
+        with loaded.applied(model):
+            ours = model(query, position_ids=position).logits[0, -1]
+        adapted = peft.PeftModel.from_pretrained(tiny_model("llama", seed=2, dtype=torch.float32), tmp_path / "adapter")
+        theirs = adapted(input_ids=query, position_ids=position).logits[0, -1]
+        plain = model(query, position_ids=position).logits[0, -1]
+    assert (ours - theirs).abs().max() <= 1e-5
+    assert (ours - plain).abs().max() > 1e-2

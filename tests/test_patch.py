@@ -152,3 +152,60 @@ def test_batched_patches_go_through_hooks_only():
     with patches[24].applied(model):  # one entry is an ordinary patch, added to the weights
         single = _query_logits(model)
     torch.testing.assert_close(single, model(IDS[None]).logits[0, -1].detach(), rtol=0, atol=1e-9)
+
+
+def test_a_patch_for_another_checkpoint_is_refused_and_nothing_changes():
+    patch = compute_patch(tiny_model("llama", seed=0), CONTEXT, QUERY)
+    other = tiny_model("llama", seed=1)  # same config, other weights: another checkpoint
+    before = _state_hash(other)
+    with pytest.raises(ImplicitICLError, match="belongs to another model: the weights differ") as raised:
+        with patch.applied(other):
+            pass
+    assert "\n" not in str(raised.value) and "force=True" in str(raised.value)
+    assert _state_hash(other) == before
+    fine_tuned = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        fine_tuned.model.layers[1].mlp.up_proj.weight[3, 4] += 1e-3  # one weight, one layer
+    with pytest.raises(ImplicitICLError, match="1 of the 6 parameters.*model.layers.1.mlp.up_proj.weight"):
+        with patch.applied(fine_tuned):
+            pass
+    with patch.applied(other, force=True):  # knowingly
+        assert _state_hash(other) != before
+    assert _state_hash(other) == before
+
+
+def test_the_same_checkpoint_in_another_dtype_is_accepted():
+    patch = compute_patch(tiny_model("llama", seed=0, dtype=torch.float32), CONTEXT, QUERY, dtype=torch.float32)
+    with patch.applied(tiny_model("llama", seed=0, dtype=torch.bfloat16)):
+        pass
+    loaded_config = replace(patch.fingerprint, config={**patch.fingerprint.config, "hidden_size": 48})
+    with pytest.raises(ImplicitICLError, match="configuration differs \\(hidden_size 48 vs 36\\)"):
+        with replace(patch, fingerprint=loaded_config).applied(tiny_model("llama", seed=0)):
+            pass
+
+
+def test_weights_restored_after_an_exception_inside_a_hooked_patch():
+    model = tiny_model("llama", seed=1)
+    patches = every_position_patches(model, IDS)
+    before = _state_hash(model)
+    with pytest.raises(RuntimeError, match="inside"), patches.applied(model):
+        raise RuntimeError("raised inside the patched block")
+    assert _state_hash(model) == before and not any(module._forward_hooks for module in model.modules())
+
+
+def test_the_saved_sidecar_says_where_the_patch_came_from(tmp_path):
+    import json
+
+    model = tiny_model("llama", seed=0)
+    patch = compute_patch(model, CONTEXT, QUERY, drop=(3, 7), dtype=torch.float32)
+    metadata = json.loads((patch.save(tmp_path / "patch") / "patch.json").read_text())
+    (source,) = metadata["sources"]
+    assert source["context_ids"] == CONTEXT.tolist() and source["query_ids"] == QUERY.tolist()
+    assert source["kept"] == [*range(3), *range(7, 25)]
+    assert (metadata["output"], metadata["dtype"], metadata["library_version"]) == ("down", "float32", "0.2.0")
+    assert metadata["fingerprint"]["config"]["hidden_size"] == 36
+    assert set(metadata["fingerprint"]["weights"]) == {f"{module}.weight" for module in patch.modules}
+    metadata["output"] = "bias"  # an edited sidecar, still valid JSON
+    (tmp_path / "patch" / "patch.json").write_text(json.dumps(metadata))
+    with pytest.raises(ImplicitICLError, match="is corrupt: edited or incomplete"):
+        Patch.load(tmp_path / "patch")

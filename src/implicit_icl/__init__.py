@@ -19,7 +19,7 @@ __all__ = [
     "patched_generate",
     "rank_one_update",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The Hugging Face engine imports transformers, which takes seconds: load it on first use only.
 _LAZY = {

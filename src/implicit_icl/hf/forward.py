@@ -11,13 +11,14 @@ Positions are explicit everywhere, so a token can sit at its original absolute p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.spec import spec_for
 
 
 class StopForward(Exception):
@@ -74,7 +75,7 @@ def run_model(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | None:
 
     The padding mask is always passed (all ones when nothing is padded): without it HF reads a jump in
     position_ids (a removed span) as the start of another packed sequence and hides the tokens before it."""
-    mask = custom_attention_mask(model, inputs) if inputs.custom else inputs.attention_mask
+    mask = _attention_mask(model, inputs)
     try:
         output = model(
             input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, use_cache=False
@@ -82,6 +83,21 @@ def run_model(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | None:
     except StopForward:
         return None
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | dict[str, Tensor]:
+    if inputs.custom:
+        return custom_attention_mask(model, inputs)
+    mask = inputs.attention_mask
+    if spec_for(model).encoder or bool(mask[:, 0].all()):
+        return mask
+    # Left padding in a decoder: a padding token at the start sees no token at all. HF fills masked scores
+    # with the dtype's minimum, which the float32 softmax of a float64 model turns into −inf: a row of NaN
+    # that leaks into the real tokens (0 · NaN). Letting padding see itself keeps every row finite.
+    length = mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril()
+    itself = torch.eye(length, dtype=torch.bool, device=mask.device)
+    return custom_attention_mask(model, replace(inputs, attention_mask=causal & mask[:, None, :].bool() | itself))
 
 
 def custom_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | dict[str, Tensor]:
@@ -93,8 +109,8 @@ def custom_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tens
     config = model.config
     if getattr(config, "alibi", False):
         raise ImplicitICLError("ALiBi models build their position bias from a padding mask; custom masks do not apply")
-    if not model.can_generate():
-        raise ImplicitICLError(f"{config.model_type} is an encoder; prefix masks apply to causal decoders only")
+    if spec_for(model).encoder:
+        raise ImplicitICLError(f"{config.model_type} is an encoder; custom masks apply to causal decoders only")
     visible = inputs.attention_mask.bool()
     distance = inputs.position_ids[:, :, None] - inputs.position_ids[:, None, :]  # [B, T_query, T_key]
     window = getattr(config, "sliding_window", None)
