@@ -8,7 +8,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from implicit_icl.hf import compute_patch, every_position_patches
+from implicit_icl.hf import compute_patch, compute_patches, every_position_patches
 from implicit_icl.hf.forward import ForwardInputs, run_model
 
 LAYERS, WIDTH, CONTEXT = 8, 512, 512
@@ -33,7 +33,32 @@ def llama_style(vocab_size: int) -> LlamaForCausalLM:
 
 
 def run(repeats: int = 5) -> list[tuple[str, float, str]]:
-    return [row for vocab_size in VOCABULARIES for row in _ratios(vocab_size, repeats)]
+    rows = [row for vocab_size in VOCABULARIES for row in _ratios(vocab_size, repeats)]
+    return [*rows, _batched_vs_loop(repeats)]
+
+
+def _batched_vs_loop(repeats: int, n_pairs: int = 32) -> tuple[str, float, str]:
+    """compute_patches on 32 (context, query) pairs of ~60 tokens (contexts of 50–60, queries of 3–6, as in a
+    few-shot evaluation) against one compute_patch per pair; medians of back-to-back ratios."""
+    model = llama_style(VOCABULARIES[0])
+    generator = torch.Generator().manual_seed(1)
+    lengths = (
+        torch.randint(50, 61, (n_pairs,), generator=generator),
+        torch.randint(3, 7, (n_pairs,), generator=generator),
+    )
+    pairs = [
+        (
+            torch.randint(0, VOCABULARIES[0], (int(n),), generator=generator),
+            torch.randint(0, VOCABULARIES[0], (int(q),), generator=generator),
+        )
+        for n, q in zip(*lengths, strict=True)
+    ]
+    batched = lambda: compute_patches(model, pairs, dtype=torch.float32)  # noqa: E731
+    looped = lambda: [compute_patch(model, context, query, dtype=torch.float32) for context, query in pairs]  # noqa: E731
+    batched(), looped()  # warm-up
+    ratios = [_seconds(looped) / _seconds(batched) for _ in range(repeats)]
+    setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, {n_pairs} pairs of 53–66 tokens, float32"
+    return "loop of compute_patch / one compute_patches", statistics.median(ratios), setting
 
 
 def _ratios(vocab_size: int, repeats: int) -> list[tuple[str, float, str]]:

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from implicit_icl import Patch
 from implicit_icl.cli import app
+from implicit_icl.hf.spec import SPECS
 from implicit_icl.hf.zoo import tiny_model
 
 runner = CliRunner()
@@ -117,4 +118,25 @@ def test_unknown_family_and_missing_model_are_refused(saved, tmp_path):
     result = runner.invoke(
         app, ["patch", "--model", str(tmp_path / "nothing"), "--context-ids", "1", "--query-ids", "3"]
     )
-    assert result.exit_code == 2 and "cannot load a model" in result.stderr
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("family", sorted(SPECS))
+def test_every_family_saved_with_its_head_gives_an_exact_patch(family, tmp_path):
+    """save_pretrained writes config.architectures (GPT2LMHeadModel, LlamaForCausalLM, BertModel, ...); the
+    CLI loads it through them, and the layers are found under whatever head the model carries."""
+    model = tiny_model(family, seed=2)
+    model.save_pretrained(tmp_path)
+    arguments = ["--model", str(tmp_path), "--context-ids", CONTEXT, "--query-ids", "7 9", "--dtype", "float64"]
+    report = _run("patch", *arguments)
+    assert report["family"] == family and report["top1_match"]
+    tolerance = 1e-5 if family in ("gemma2", "gemma3_text") else 1e-9  # HF's float32 norms in Gemma 2/3
+    assert report["max_abs_logit_diff"] <= tolerance and max(report["layer_max_abs_diffs"]) <= tolerance
+    assert report["baseline_max_abs_logit_diff"] > 1e-3
+
+
+def test_a_bare_base_model_without_head_is_patched_too(tmp_path):
+    """A GPT2Model saved on its own: its layers sit at "h", not "transformer.h"."""
+    tiny_model("gpt2", seed=1).transformer.save_pretrained(tmp_path)
+    report = _run("patch", "--model", str(tmp_path), "--context-ids", CONTEXT, "--query-ids", "7", "--dtype", "float64")
+    assert report["modules"][0] == "h.0.mlp.c_fc" and report["max_abs_logit_diff"] <= 1e-9

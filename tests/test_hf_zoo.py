@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.spec import SPECS
 from implicit_icl.hf.zoo import ENCODER_FAMILIES, FAMILIES, MAX_POSITIONS, VOCAB_SIZE, ZOO_CASES, tiny_model
 
 
@@ -63,6 +64,10 @@ def test_norm_scales_and_biases_are_not_left_at_their_initial_values():
     assert (gpt2.transformer.h[0].ln_1.weight != 1).all() and (gpt2.transformer.h[0].mlp.c_fc.bias != 0).all()
     gemma = tiny_model("gemma")  # stores w of the (1 + w) scale, zero in HF's initialisation
     assert (gemma.model.layers[0].input_layernorm.weight != 0).all()
+
+
+def test_every_spec_has_a_tiny_model_and_every_tiny_model_a_spec():
+    assert set(SPECS) == set(FAMILIES), "add the family's tiny model to hf/zoo.py, or its spec to hf/spec.py"
 
 
 def test_unknown_family_and_variant_are_refused():

@@ -78,8 +78,10 @@ def reproduce(
     emit(headline(metrics), as_json, f"toy reproduction — {out / 'index.html'}")
 
 
-# Options shared by the commands that take a Hugging Face model, a context and a query.
-_MODEL = typer.Option(..., "--model", help="local Hugging Face directory or hub name")
+# Options shared by the commands that take a Hugging Face model, a context and a query (hf.commands.RunOptions).
+_MODEL = typer.Option(
+    None, "--model", help="a .gguf file, a local Hugging Face directory or a hub name (default: SmolLM2-135M-Instruct)"
+)
 _CONTEXT = typer.Option(None, help="context text (tokenized with the model's tokenizer)")
 _CONTEXT_FILE = typer.Option(None, help="file holding the context text")
 _CONTEXT_IDS = typer.Option(None, help='context token ids, e.g. "1 2 3" (models without tokenizer)')
@@ -89,18 +91,9 @@ _OUTPUT = typer.Option(None, help="output side: down, bias, norm or stable (defa
 _JSON = typer.Option(False, "--json", help="print one JSON object")
 
 
-def _model_and_tokens(model, dtype, context, context_file, context_ids, query, query_ids):
-    """Load the model and turn the context and query options into token ids (ImplicitICLError if bad)."""
-    from implicit_icl.hf.commands import load_model, token_ids
-
-    loaded = load_model(model, dtype)
-    context_tokens = token_ids(loaded, "context", context, context_file, context_ids)
-    return loaded, context_tokens, token_ids(loaded, "query", query, None, query_ids)
-
-
 @app.command()
 def patch(
-    model: str = _MODEL,
+    model: str | None = _MODEL,
     context: str | None = _CONTEXT,
     context_file: Path | None = _CONTEXT_FILE,
     context_ids: str | None = _CONTEXT_IDS,
@@ -111,18 +104,15 @@ def patch(
     arithmetic: str = typer.Option("float64", help="patch arithmetic: float32 or float64"),
     output: str | None = _OUTPUT,
     save: Path | None = typer.Option(None, help="save the patch (safetensors + JSON) into this folder"),
-    peft: Path | None = typer.Option(None, help="also write it as a PEFT LoRA adapter (rank 1) into this folder"),
+    peft: Path | None = typer.Option(None, help="also write it as a PEFT LoRA adapter into this folder"),
     as_json: bool = _JSON,
 ) -> None:
     """The exact weight patch that makes the model without the context act as with it, checked."""
-    from implicit_icl.hf.commands import parse_drop, patch_report
+    from implicit_icl.hf.commands import RunOptions, parse_drop, patch_report
 
     try:
-        loaded, context_tokens, query_tokens = _model_and_tokens(
-            model, dtype, context, context_file, context_ids, query, query_ids
-        )
-        drop_span = parse_drop(drop)
-        result = patch_report(loaded, context_tokens, query_tokens, drop_span, arithmetic, output, save, peft)
+        options = RunOptions(model, dtype, context, context_file, context_ids, query, query_ids, arithmetic, output)
+        result = patch_report(options, parse_drop(drop), save, peft)
     except ImplicitICLError as error:
         fail(error)
     if as_json:
@@ -136,7 +126,7 @@ def patch(
 
 @app.command()
 def generate(
-    model: str = _MODEL,
+    model: str | None = _MODEL,
     context: str | None = _CONTEXT,
     context_file: Path | None = _CONTEXT_FILE,
     context_ids: str | None = _CONTEXT_IDS,
@@ -149,13 +139,11 @@ def generate(
     as_json: bool = _JSON,
 ) -> None:
     """Greedy generation with the context vs without it under per-token exact patches."""
-    from implicit_icl.hf.commands import generate_report
+    from implicit_icl.hf.commands import RunOptions, generate_report
 
     try:
-        loaded, context_tokens, query_tokens = _model_and_tokens(
-            model, dtype, context, context_file, context_ids, query, query_ids
-        )
-        result = generate_report(loaded, context_tokens, query_tokens, max_new_tokens, arithmetic, output)
+        options = RunOptions(model, dtype, context, context_file, context_ids, query, query_ids, arithmetic, output)
+        result = generate_report(options, max_new_tokens)
     except ImplicitICLError as error:
         fail(error)
     emit(result, as_json, f"{result['family']}: greedy tokens with context vs patched without it")

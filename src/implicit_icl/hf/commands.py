@@ -1,7 +1,7 @@
 """What `implicit-icl patch` and `implicit-icl generate` do, as plain functions returning JSON-ready dicts.
 
-The CLI wrappers in cli.py only parse options and print; everything that can go wrong with the user's
-input raises ImplicitICLError here with a one-line message.
+The CLI wrappers in cli.py only parse options into a `RunOptions` and print; everything that can go wrong
+with the user's input raises ImplicitICLError here with a one-line message.
 """
 
 from __future__ import annotations
@@ -11,51 +11,51 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.construct import compute_patch
 from implicit_icl.hf.generate import patched_generate
-from implicit_icl.hf.spec import spec_for
+from implicit_icl.hf.load import MODEL_DTYPES, LoadedModel, load_model
 from implicit_icl.hf.verify import verify_patch
 
-MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 ARITHMETIC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
-class LoadedModel:
-    """A model in eval mode with eager attention, and its tokenizer (None when the model has none)."""
+class RunOptions:
+    """The options every command on a model, a context and a query shares.
 
-    model: PreTrainedModel
-    tokenizer: object | None
-    name: str
+    model: a .gguf file, a Hugging Face directory or hub name, or None for the default model; dtype: the
+    model's weights ("float32", "float64", "bfloat16"); context / context_file / context_ids and query /
+    query_ids: exactly one of each kind (ids are space-separated integers); arithmetic: the patch's
+    dtype ("float32" or "float64"); output: the output side (None: the family's default).
+    """
 
+    model: str | None = None
+    dtype: str = "float32"
+    context: str | None = None
+    context_file: Path | None = None
+    context_ids: str | None = None
+    query: str | None = None
+    query_ids: str | None = None
+    arithmetic: str = "float32"
+    output: str | None = None
 
-def load_model(name: str, dtype: str) -> LoadedModel:
-    """Load a local Hugging Face directory or a hub name (offline: only what is cached)."""
-    if dtype not in MODEL_DTYPES:
-        raise ImplicitICLError(f"unknown --dtype {dtype!r}; choose one of {', '.join(MODEL_DTYPES)}")
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ImplicitICLError(
-            f"cannot load a model from {name!r} ({str(error).splitlines()[0]}); give a local directory holding "
-            "config.json and the weights, or a hub name that is cached"
-        ) from None
-    # A causal LM loads with its head; anything else (an encoder such as BERT) as the bare model.
-    causal = any(name.endswith("ForCausalLM") for name in config.architectures or ["ForCausalLM"])
-    auto = AutoModelForCausalLM if causal else AutoModel
-    try:
-        model = auto.from_pretrained(name, dtype=MODEL_DTYPES[dtype], attn_implementation="eager")
-    except (OSError, ValueError) as error:
-        raise ImplicitICLError(f"cannot load the weights of {name!r}: {str(error).splitlines()[0]}") from None
-    spec_for(model)  # an unsupported family fails here, naming the supported ones
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return LoadedModel(model.eval(), tokenizer, name)
+    def __post_init__(self) -> None:  # fail before the model loads
+        if self.dtype not in MODEL_DTYPES:
+            raise ImplicitICLError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(MODEL_DTYPES)}")
+        if self.arithmetic not in ARITHMETIC_DTYPES:
+            raise ImplicitICLError(f"unknown --arithmetic {self.arithmetic!r}; choose float32 or float64")
+
+    @property
+    def arithmetic_dtype(self) -> torch.dtype:
+        return ARITHMETIC_DTYPES[self.arithmetic]
+
+    def load(self) -> tuple[LoadedModel, torch.Tensor, torch.Tensor]:
+        """The model, and the context and query ids [T] (ImplicitICLError, one line, for bad input)."""
+        loaded = load_model(self.model, self.dtype)
+        context = token_ids(loaded, "context", self.context, self.context_file, self.context_ids)
+        return loaded, context, token_ids(loaded, "query", self.query, None, self.query_ids)
 
 
 def token_ids(
@@ -105,23 +105,13 @@ def parse_drop(drop: str | None) -> tuple[int, int] | None:
     return start, end
 
 
-def patch_report(
-    loaded: LoadedModel,
-    context: torch.Tensor,
-    query: torch.Tensor,
-    drop: tuple[int, int] | None = None,
-    arithmetic: str = "float64",
-    output: str | None = None,
-    save: Path | None = None,
-    peft: Path | None = None,
-) -> dict:
+def patch_report(options: RunOptions, drop: tuple[int, int] | None, save: Path | None, peft: Path | None) -> dict:
     """Compute the exact patch, verify it against the context-ful model, optionally save it (our format
     and/or a PEFT LoRA adapter)."""
-    if arithmetic not in ARITHMETIC_DTYPES:
-        raise ImplicitICLError(f"unknown --arithmetic {arithmetic!r}; choose float32 or float64")
+    loaded, context, query = options.load()
     model = loaded.model
     start = time.perf_counter()
-    patch = compute_patch(model, context, query, drop=drop, output=output, dtype=ARITHMETIC_DTYPES[arithmetic])
+    patch = compute_patch(model, context, query, drop=drop, output=options.output, dtype=options.arithmetic_dtype)
     seconds = time.perf_counter() - start
     verification = verify_patch(model, context, query, patch)
     if save is not None:
@@ -129,10 +119,11 @@ def patch_report(
     if peft is not None:
         patch.to_peft(peft, model)
     return dict(
+        model=loaded.name,
         family=patch.family,
         n_layers=patch.n_layers,
         model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        arithmetic_dtype=arithmetic,
+        arithmetic_dtype=options.arithmetic,
         output_side=patch.output,
         context_tokens=context.numel(),
         query_tokens=query.numel(),
@@ -146,23 +137,26 @@ def patch_report(
     )
 
 
-def generate_report(
-    loaded: LoadedModel,
-    context: torch.Tensor,
-    query: torch.Tensor,
-    max_new_tokens: int,
-    arithmetic: str = "float32",
-    output: str | None = None,
-) -> dict:
+def generate_report(options: RunOptions, max_new_tokens: int) -> dict:
     """Greedy generation with the context and without it under per-token patches."""
-    if arithmetic not in ARITHMETIC_DTYPES:
-        raise ImplicitICLError(f"unknown --arithmetic {arithmetic!r}; choose float32 or float64")
+    loaded, context, query = options.load()
     if not loaded.model.can_generate():
         raise ImplicitICLError(f"{loaded.name} has no language-model head and does not generate; use a decoder")
     generation = patched_generate(
-        loaded.model, context, query, max_new_tokens, output=output, dtype=ARITHMETIC_DTYPES[arithmetic], progress=True
+        loaded.model,
+        context,
+        query,
+        max_new_tokens,
+        output=options.output,
+        dtype=options.arithmetic_dtype,
+        progress=True,
     )
-    report = dict(family=loaded.model.config.model_type, arithmetic_dtype=arithmetic, **generation.as_dict())
+    report = dict(
+        model=loaded.name,
+        family=loaded.model.config.model_type,
+        arithmetic_dtype=options.arithmetic,
+        **generation.as_dict(),
+    )
     if loaded.tokenizer is not None:
         report["text_with_context"] = loaded.tokenizer.decode(generation.tokens_with_context)
         report["text_patched"] = loaded.tokenizer.decode(generation.tokens_patched)

@@ -43,15 +43,11 @@ from typing import TypeVar
 import torch
 from rich.console import Console
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING,
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING,
-)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from implicit_icl import __version__
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.spec import spec_for
+from implicit_icl.hf.spec import spec_for, spec_for_family
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 MODEL_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -187,11 +183,11 @@ def _keeps_lm_head(config: PretrainedConfig) -> bool:
 
     Anything else (BertModel, BertForMaskedLM, LlamaModel, a classifier) loads as the bare model, dropping
     a head the engine does not use rather than inventing one. A config that names no class counts as a
-    causal LM when AutoModelForCausalLM knows its family and the family has no masked-LM head (an encoder).
+    causal LM unless its family's spec says it is an encoder.
     """
     if config.architectures:
         return any(name in _CAUSAL_LM_CLASSES or name.endswith(_CAUSAL_LM_SUFFIXES) for name in config.architectures)
-    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
+    return not spec_for_family(config.model_type).encoder
 
 
 def _tokenizer_or_none(source: str) -> object | None:

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from transformers.pytorch_utils import Conv1D
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.spec import SPECS
 
 VOCAB_SIZE = 97
 MAX_POSITIONS = 128
@@ -142,7 +143,7 @@ FAMILIES: tuple[str, ...] = tuple(FAMILY_CONFIGS)
 ZOO_CASES: tuple[tuple[str, str], ...] = tuple(
     (family, variant) for family, variants in FAMILY_CONFIGS.items() for variant in variants
 )
-ENCODER_FAMILIES = frozenset({"bert"})
+ENCODER_FAMILIES = frozenset(family for family, spec in SPECS.items() if spec.encoder)
 
 _PERTURBATION_STD = 0.2
 
