@@ -1,4 +1,4 @@
-"""THEORY.md §6 on a real contextual layer: prefix updates, the gradient-descent identity, the factorised form."""
+"""docs/theory.md §6 on a real contextual layer: prefix updates, the gradient-descent identity, the factorised form."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The identities of THEORY.md §2–4 on random tensors of random shapes (hypothesis)."""
+"""The identities of docs/theory.md §2–4 on random tensors of random shapes (hypothesis)."""
 
 import pytest
 import torch

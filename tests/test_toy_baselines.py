@@ -1,4 +1,4 @@
-"""The baselines against the closed forms of EXPERIMENTS.md §3 (Monte Carlo, within a few percent)."""
+"""The baselines against the closed forms of docs/experiments.md §3 (Monte Carlo, within a few percent)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Reference estimators for in-context linear regression (EXPERIMENTS.md §3).
+"""Reference estimators for in-context linear regression (docs/experiments.md §3).
 
 Each takes the first k examples of every prompt — inputs [B, k, d], labels [B, k] — and the queries [B, d],
 and returns predictions [B]. With no examples (k = 0) every estimator predicts 0.

@@ -1,4 +1,4 @@
-"""In-context linear regression prompts (EXPERIMENTS.md §1).
+"""In-context linear regression prompts (docs/experiments.md §1).
 
 A prompt draws w ~ N(0, I_d), inputs x_1..x_N, x_q ~ N(0, I_d) and labels y = <w, x> + σ ε. Each example is
 one token [x_i ; y_i] ∈ R^{d+1}; the query token is [x_q ; 0], so its label never enters the model.

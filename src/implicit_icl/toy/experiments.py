@@ -1,4 +1,4 @@
-"""The measurements of EXPERIMENTS.md §2 on a toy model, batched over prompts.
+"""The measurements of docs/experiments.md §2 on a toy model, batched over prompts.
 
 (a) `patch_agreement`: prediction with the prompt vs the query alone through W + ΔW, per checkpoint;
 (b) `increment_norms_by_token`: ||ΔW_{i+1} − ΔW_i|| as the context is consumed token by token;

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from implicit_icl.report import Curve, ReportFigure, plot_curves
-from implicit_icl.toy.statistics import Estimate, interval_text
+from implicit_icl.statistics import Estimate, interval_text
 
 
 def _curve(label: str, x: list[float], estimate: Estimate, style: str = "-", band: bool = True) -> Curve:
@@ -72,7 +72,7 @@ def error_figure(out: Path, curves: dict[str, Estimate], checks: dict) -> Report
     return ReportFigure(
         "error_vs_k.png",
         f"Squared error of y_q divided by d against the number k of examples before the query, for the "
-        f"trained model and the baselines (EXPERIMENTS.md §3), mean over {n} test prompts; the band is the "
+        f"trained model and the baselines (docs/experiments.md §3), mean over {n} test prompts; the band is the "
         "model's bootstrap 95% interval. The model should fall below averaging and never below least squares "
         f"(Bayes-optimal without noise). At k = N, on {checks['n_full_context_prompts']} further prompts, the "
         f"model's error/d is {checks['model_error_over_d_at_N']:.4f}; paired differences (bootstrap 95%): "

@@ -82,7 +82,7 @@ class ToyTransformer(nn.Module):
     def implicit_updates(self, tokens: Tensor) -> list[ImplicitUpdate]:
         """One update per block that lets the query token alone reproduce the prediction with its context.
 
-        tokens: [B, T, d+1] (T ≥ 2), the query last. Chained as in THEORY.md §5: once blocks < l are patched,
+        tokens: [B, T, d+1] (T ≥ 2), the query last. Chained as in docs/theory.md §5: once blocks < l are patched,
         the lone query enters block l with its context-ful state, so block l's update is that of its own
         context-ful input sequence. Factors: [B, ·] per block.
         """

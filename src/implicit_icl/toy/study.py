@@ -13,7 +13,7 @@ from implicit_icl.toy import experiments
 from implicit_icl.toy.data import Prompts, sample_prompts
 from implicit_icl.toy.finetune import choose_step_size, finetune
 from implicit_icl.toy.model import ToyTransformer
-from implicit_icl.toy.statistics import bootstrap
+from implicit_icl.statistics import bootstrap
 from implicit_icl.toy.train import TrainedModel
 
 F64 = torch.float64
@@ -121,7 +121,7 @@ def full_context_errors(trained: TrainedModel, sets: EvaluationSets) -> dict[str
 
 
 def learning_checks(errors: dict[str, Tensor], full_context: dict[str, Tensor], generator: torch.Generator) -> dict:
-    """The honesty checks of EXPERIMENTS.md §4, paired over prompts with bootstrap 95% intervals.
+    """The honesty checks of docs/experiments.md §4, paired over prompts with bootstrap 95% intervals.
 
     full_context: error/d at k = N ([B'] per estimator, many prompts): the model minus averaging must be < 0,
     and the model minus one GD step is reported. errors: the curves ([B, N+1]): least squares minus the
