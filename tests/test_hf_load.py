@@ -52,13 +52,6 @@ def logits(loaded: LoadedModel, text: str = PROMPT) -> torch.Tensor:
         return loaded.model(ids).logits
 
 
-@pytest.fixture(scope="session")
-def default_model() -> LoadedModel:
-    """The default model through the real cache, so that a machine converts it only once."""
-    skip_without_the_default_model()
-    return load_model()
-
-
 @pytest.fixture
 def temporary_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh IMPLICIT_ICL_CACHE for a test that converts, or must show that nothing was converted."""
