@@ -17,6 +17,7 @@ from implicit_icl.tasks import (
     TASKS,
     Example,
     Prompt,
+    answer_prompts,
     encode,
     format_context,
     left_padded,
@@ -252,3 +253,26 @@ def test_the_context_ends_in_two_newline_tokens_not_one(smollm2_tokenizer):
     assert encoded.context_ids[-2:].tolist() == [NEWLINE, NEWLINE]
     assert smollm2_tokenizer(prompt.context_text, add_special_tokens=False)["input_ids"][-1] == DOUBLE_NEWLINE
     assert encoded.answer_ids.tolist() == [13197] and encoded.generation_budget == 2  # " walked"
+
+
+@needs_wheel
+def test_answer_prompts_scores_what_the_model_predicts(smollm2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **sizes)).eval()
+    prompts = sample_prompts(task("present_past"), 2, 3, seed=0) + sample_prompts(task("copy"), 0, 2, seed=0)
+    encoded = [encode(tokenizer, p) for p in prompts]
+    answer_tokens = torch.tensor([e.answer_token for e in encoded])
+
+    answers = answer_prompts(model, tokenizer, prompts, batch_size=2)
+    predicted = next_token_logits(model, [e.input_ids for e in encoded]).argmax(-1)
+    assert torch.equal(answers.first_token_correct, predicted == answer_tokens)
+    assert len(answers.generated_text) == 5 and not answers.whole_answer_correct.any()  # a random model
+
+    alone = answer_prompts(model, tokenizer, prompts, with_context=False, decode=False)
+    predicted_alone = next_token_logits(model, [e.query_ids for e in encoded]).argmax(-1)
+    assert torch.equal(alone.first_token_correct, predicted_alone == answer_tokens)
+    assert alone.generated_text == [""] * 5
