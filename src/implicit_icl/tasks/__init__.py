@@ -10,7 +10,7 @@ comes from a JSON file (`load_task_file`).
 """
 
 from implicit_icl.tasks.encoding import EncodedPrompt, encode
-from implicit_icl.tasks.evaluate import Answers, LeftPadded, answer_prompts, left_padded, next_token_logits
+from implicit_icl.tasks.evaluate import Answers, answer_prompts, greedy_continuations, next_token_logits
 from implicit_icl.tasks.files import load_task_file
 from implicit_icl.tasks.registry import TASKS, task, task_names
 from implicit_icl.tasks.sampling import Prompt, sample_prompts
@@ -23,7 +23,6 @@ __all__ = [
     "Answers",
     "EncodedPrompt",
     "Example",
-    "LeftPadded",
     "Prompt",
     "Task",
     "TaskKind",
@@ -33,7 +32,7 @@ __all__ = [
     "first_token_correct",
     "format_context",
     "format_query",
-    "left_padded",
+    "greedy_continuations",
     "load_task_file",
     "next_token_logits",
     "parse_context",

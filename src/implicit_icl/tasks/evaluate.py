@@ -1,71 +1,87 @@
-"""Plain Hugging Face forward passes over encoded prompts: first-token and whole-answer accuracy.
+"""Forward passes over encoded prompts, through the engine's forward helpers: next-token logits and greedy answers.
 
-Prompts are batched with left padding, so every prompt's last real token sits in the last column, with an
-attention mask and position ids that start at 0 on each prompt's first real token: a padded prompt gives the
-logits it gives alone (up to float rounding). Greedy decoding reads the batch once, then one new token per step
-through the model's cache.
-
-Float64 models read sequences of different lengths one at a time: Hugging Face's eager attention takes its
-softmax in float32, where float64's mask minimum becomes -inf, so a padding row (which sees no key) turns
-into NaN, and the NaN reaches the real tokens through their zero attention weights on it.
+Prompts are batched with left padding (`ForwardInputs.padded`), so every prompt's last token sits in the last
+column, with positions that start at 0 on each prompt's first real token (or the positions given) and the
+padding masked out; `run_model` also lets padding see itself, so a float64 model's float32 softmax gives no
+NaN. Greedy decoding re-reads each growing sequence at every step instead of keeping a cache: answers are a
+few tokens long, and every step then lays out its keys exactly as the exact patch's own context-ful pass
+does (`implicit_icl.studies.evaluate` decodes the patched side with the same loop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from implicit_icl.hf.forward import ForwardInputs, model_device, run_model
 from implicit_icl.tasks.encoding import encode
 from implicit_icl.tasks.sampling import Prompt
 from implicit_icl.tasks.scoring import whole_answer_correct
 from implicit_icl.tasks.template import SEPARATOR
 
-
-@dataclass(frozen=True)
-class LeftPadded:
-    """B sequences of lengths L_b, padded on the left to T = max L_b."""
-
-    input_ids: Tensor  # [B, T] long
-    attention_mask: Tensor  # [B, T] long: 0 on padding
-    position_ids: Tensor  # [B, T] long: 0 .. L_b - 1 on each sequence's own tokens, 0 on padding
-
-
-def left_padded(sequences: Sequence[Tensor], pad_id: int = 0) -> LeftPadded:
-    """sequences: B LongTensors [L_b], each L_b ≥ 1."""
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, length - len(sequence) :] = sequence
-        attention_mask[row, length - len(sequence) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return LeftPadded(input_ids, attention_mask, position_ids)
-
-
-def needs_one_at_a_time(model: PreTrainedModel, sequences: Sequence[Tensor]) -> bool:
-    """Whether padding these sequences together would give NaN (see the module docstring)."""
-    return model.dtype == torch.float64 and len({len(s) for s in sequences}) > 1
+NextTokens = Callable[[list[Tensor]], Tensor]  # B sequences [L_b] -> the next token of each, [B]
 
 
 @torch.no_grad()
-def next_token_logits(model: PreTrainedModel, sequences: Sequence[Tensor], pad_id: int = 0) -> Tensor:
-    """Logits for the token after each sequence: [B, V], in the model's dtype."""
-    if needs_one_at_a_time(model, sequences):
-        return torch.cat([next_token_logits(model, [s], pad_id) for s in sequences])
-    batch = left_padded(sequences, pad_id)
-    return model(**model_inputs(model, batch), use_cache=False).logits[:, -1].cpu()
+def next_token_logits(
+    model: PreTrainedModel, sequences: Sequence[Tensor], positions: Sequence[Tensor] | None = None
+) -> Tensor:
+    """Logits for the token after each sequence: [B, V] on the CPU, in the model's dtype.
+
+    sequences: B LongTensors [L_b], L_b ≥ 1; positions: B LongTensors [L_b] (default 0 .. L_b − 1)."""
+    inputs = ForwardInputs.padded(list(sequences), positions, side="left").to(model_device(model))
+    return run_model(model, inputs)[:, -1].cpu()
 
 
-def model_inputs(model: PreTrainedModel, batch: LeftPadded) -> dict[str, Tensor]:
-    return {
-        "input_ids": batch.input_ids.to(model.device),
-        "attention_mask": batch.attention_mask.to(model.device),
-        "position_ids": batch.position_ids.to(model.device),
-    }
+def plain_next_tokens(model: PreTrainedModel) -> NextTokens:
+    """The model's own greedy choice after each sequence."""
+    return lambda sequences: next_token_logits(model, sequences).argmax(-1)
+
+
+def answer_ends(tokenizer: PreTrainedTokenizerBase) -> Callable[[int], bool]:
+    """Whether a token ends an answer: the end token, or any token holding the separator (a newline)."""
+    return lambda token: token == tokenizer.eos_token_id or SEPARATOR in tokenizer.decode([token])
+
+
+def greedy_continuations(
+    next_tokens: NextTokens,
+    sequences: Sequence[Tensor],
+    budgets: Sequence[int],
+    ends: Callable[[int], bool],
+    first_tokens: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Up to budgets[b] greedy tokens after each sequence b, each list ending at its first token that `ends`.
+
+    next_tokens is asked only about the sequences still running, each extended by what it generated so far.
+    first_tokens: the first new token of each sequence when it is known already (no call for step one)."""
+    generated: list[list[int]] = [[] for _ in sequences]
+    current = list(sequences)
+    running = [row for row, budget in enumerate(budgets) if budget > 0]
+    step = 0
+    while running:
+        if step == 0 and first_tokens is not None:
+            tokens = [first_tokens[row] for row in running]
+        else:
+            tokens = next_tokens([current[row] for row in running]).tolist()
+        still_running = []
+        for row, token in zip(running, tokens, strict=True):
+            generated[row].append(token)
+            current[row] = torch.cat([current[row], torch.tensor([token], dtype=current[row].dtype)])
+            if not ends(token) and len(generated[row]) < budgets[row]:
+                still_running.append(row)
+        running, step = still_running, step + 1
+    return generated
+
+
+def greedy_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[Tensor], steps: int
+) -> list[list[int]]:
+    """Up to `steps` greedy tokens after each sequence, each list ending at its first newline or end token."""
+    return greedy_continuations(plain_next_tokens(model), sequences, [steps] * len(sequences), answer_ends(tokenizer))
 
 
 @dataclass(frozen=True)
@@ -95,43 +111,9 @@ def answer_prompts(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         inputs = [e.input_ids if with_context else e.query_ids for e in chunk]
-        steps = max(e.generation_budget for e in chunk) if decode else 1
-        generated = greedy_tokens(model, tokenizer, inputs, steps)
+        budgets = [e.generation_budget if decode else 1 for e in chunk]
+        generated = greedy_continuations(plain_next_tokens(model), inputs, budgets, answer_ends(tokenizer))
         first += [tokens[0] == e.answer_token for tokens, e in zip(generated, chunk, strict=True)]
         texts += [tokenizer.decode(tokens, skip_special_tokens=True) if decode else "" for tokens in generated]
     whole = [decode and whole_answer_correct(text, p.query.output) for text, p in zip(texts, prompts, strict=True)]
     return Answers(torch.tensor(first, dtype=torch.bool), torch.tensor(whole, dtype=torch.bool), texts)
-
-
-@torch.no_grad()
-def greedy_tokens(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[Tensor], steps: int
-) -> list[list[int]]:
-    """Up to `steps` greedy tokens after each sequence, each list ending at its first newline or end token.
-
-    The first step reads the left-padded batch; each later step feeds only the new tokens through the cache,
-    one position further on and with the mask grown by a column of ones.
-    """
-    if needs_one_at_a_time(model, sequences):
-        return [greedy_tokens(model, tokenizer, [s], steps)[0] for s in sequences]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inputs = model_inputs(model, left_padded(sequences, pad_id))
-    generated: list[list[int]] = [[] for _ in sequences]
-    finished = [False] * len(sequences)
-    cache = None
-    for _ in range(steps):
-        out = model(**inputs, cache=cache, use_cache=True)
-        cache, tokens = out.cache, out.logits[:, -1].argmax(-1)
-        for row, token in enumerate(tokens.tolist()):
-            if not finished[row]:
-                generated[row].append(token)
-                finished[row] = token == tokenizer.eos_token_id or SEPARATOR in tokenizer.decode([token])
-        if all(finished):
-            break
-        mask = inputs["attention_mask"]
-        inputs = {
-            "input_ids": tokens[:, None],
-            "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1),
-            "position_ids": inputs["position_ids"][:, -1:] + 1,
-        }
-    return generated
