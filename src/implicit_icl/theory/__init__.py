@@ -1,11 +1,15 @@
 """The identities of docs/theory.md on plain tensors: exact implicit updates, output-side solvers, dynamics."""
 
 from implicit_icl.theory.dynamics import (
+    GradientSteps,
     apply_factorised,
+    consecutive_differences,
     factorised_updates,
     gradient_descent_errors,
+    gradient_steps,
     increment_norms,
     prefix_updates,
+    step_norms,
 )
 from implicit_icl.theory.low_rank import LowRankUpdate
 from implicit_icl.theory.output_side import (
@@ -23,11 +27,14 @@ from implicit_icl.theory.rank_one import (
 )
 
 __all__ = [
+    "GradientSteps",
     "ImplicitUpdate",
     "LowRankUpdate",
     "apply_factorised",
+    "consecutive_differences",
     "factorised_updates",
     "gradient_descent_errors",
+    "gradient_steps",
     "increment_norms",
     "norm_scale_shift",
     "output_rank_one",
@@ -38,4 +45,5 @@ __all__ = [
     "scale_reaching",
     "skip_update",
     "stable_norm_scale_patch",
+    "step_norms",
 ]

@@ -2,10 +2,14 @@
 
 Notation: a = A(x) is the query's contextual output alone, A_i = A(c_1..c_i, x) after the first i context
 tokens (A_0 = a). The prefix updates ΔW_i = W (A_i − a) a^T / ||a||^2 share their right factor, so the
-whole trajectory W_i = W + ΔW_i is stored as n left factors and one right factor.
+whole trajectory W_i = W + ΔW_i is stored as n left factors and one right factor. In a chain of blocks
+(a real model's layers above the first) the reference moves with the prefix; `consecutive_differences`,
+`step_norms` and `gradient_steps` handle trajectories whose right factors differ.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -94,3 +98,71 @@ def apply_factorised(weight: Tensor, factors: LowRankUpdate, x: Tensor) -> Tenso
     for i in reversed(range(factors.batch_shape[0])):
         x = x + factors[i].apply(x)
     return x @ weight.T
+
+
+# --- trajectories whose right factors differ (docs/theory.md §6, a chain's layers above the first) ---------
+
+
+def consecutive_differences(updates: LowRankUpdate) -> LowRankUpdate:
+    """ΔW_{j+1} − ΔW_j for consecutive entries of a trajectory, still factored.
+
+    updates: U [..., P, out, k], V [..., P, in, k] (P ≥ 2 entries, e.g. the patches of growing prefixes).
+    Returns U [..., P−1, out, 2k], V [..., P−1, in, 2k] holding (U_{j+1} − U_j) V_{j+1}^T + U_j (V_{j+1} − V_j)^T.
+    When the right factors differ the difference has rank up to 2k; because its factors are themselves
+    differences, its Gram-matrix norm carries no ||A||² + ||B||² − 2<A, B> cancellation when A ≈ B.
+    """
+    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
+        raise ImplicitICLError(
+            f"a trajectory needs at least 2 entries on its last batch dimension, got batch shape {updates.batch_shape}"
+        )
+    U, V = updates.U, updates.V
+    return LowRankUpdate(
+        torch.cat([U[..., 1:, :, :] - U[..., :-1, :, :], U[..., :-1, :, :]], -1),
+        torch.cat([V[..., 1:, :, :], V[..., 1:, :, :] - V[..., :-1, :, :]], -1),
+    )
+
+
+def step_norms(updates: LowRankUpdate) -> Tensor:
+    """||ΔW_{j+1} − ΔW_j||_F from the factors for a trajectory [..., P, ·, k] -> [..., P−1]; right factors may differ."""
+    return consecutive_differences(updates).norm()
+
+
+@dataclass(frozen=True)
+class GradientSteps:
+    """W_{j+1} − W_j = step_j + remainder_j for a trajectory of rank-1 updates ΔW_j = u_j v_j^T (theory.md §6).
+
+    step_j = −h_{j+1} ∇_W L_j: the online-gradient-descent step of §6 with the reference a_{j+1} = v_{j+1} /
+    ||v_{j+1}||² of the later entry, h_{j+1} = 1/||a_{j+1}||² and L_j(W) = trace(Δ_j^T W), Δ_j = W_0 (A_j − A_{j+1})
+    a_{j+1}^T. remainder_j = ΔW'_j − ΔW_j, where ΔW'_j is the update prefix j would have with the reference
+    a_{j+1}: what the moving reference adds. It is zero when all entries share their reference (one block, or a
+    chain's first layer under relative positions), where the §6 identity W_{j+1} = W_j − h ∇L_j holds as it is.
+
+    step, remainder: [..., P−1] updates of rank 1 and 2; learning_rates: h_j for every entry [..., P].
+    """
+
+    step: LowRankUpdate
+    remainder: LowRankUpdate
+    learning_rates: Tensor
+
+
+def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
+    """Split a trajectory's increments into the §6 gradient step and the moving-reference remainder.
+
+    weight W_0: [out, in]; updates: rank-1, U [..., P, out, 1], V [..., P, in, 1] with ΔW_j = W_0 (A_j − a_j)
+    a_j^T / ||a_j||² (A_j: what W reads with prefix j, a_j: without it). Only W_0, u_j and v_j are needed:
+    a_j = v_j / ||v_j||² and W_0 A_j = W_0 a_j + u_j.
+    """
+    if updates.rank != 1:
+        raise ImplicitICLError(f"gradient_steps takes rank-1 updates (one reference each), got rank {updates.rank}")
+    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
+        raise ImplicitICLError(f"a trajectory needs at least 2 entries, got batch shape {updates.batch_shape}")
+    check_last_dim("the right factors", updates.V[..., 0], weight.shape[1])
+    u, v = updates.U[..., 0], updates.V[..., 0]
+    learning_rates = safe_squared_norm("a right factor v_j", v)  # ||v_j||² = 1/||a_j||²
+    reference = v / learning_rates.unsqueeze(-1)
+    moved = (reference[..., :-1, :] - reference[..., 1:, :]) @ weight.to(v).T  # W_0 (a_j − a_{j+1})
+    step = LowRankUpdate.rank_one(u[..., 1:, :] - u[..., :-1, :] - moved, v[..., 1:, :])
+    remainder = LowRankUpdate(
+        torch.stack([moved, u[..., :-1, :]], -1), torch.stack([v[..., 1:, :], v[..., 1:, :] - v[..., :-1, :]], -1)
+    )
+    return GradientSteps(step, remainder, learning_rates)
