@@ -1,0 +1,121 @@
+"""Many queries after one context: the last-token logits with the context, and without it.
+
+- without the context (`reduced_logits`): each query alone at the positions it has after the context
+  (offset .. offset + Q − 1), left-padded so that every query's last token is the last column. Compiled
+  patches, task and function vectors, the exact patches and the zero-shot floor all run on this layout.
+- with the context (`ContextPrefix`, `context_logits`): the context shared by every query is run once and
+  its keys and values are kept (Hugging Face's cache), copied to the batch, then the queries follow. The
+  queries but their last tokens are left-padded right after the context (the padding is masked out), so
+  the last tokens form one column that can be run again and again from the same cache, e.g. under an
+  intervention on the last position; this costs one token per query instead of the whole prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.forward import ForwardInputs, model_device, run_model
+from implicit_icl.hf.inputs import as_token_ids, check_length
+
+
+def checked_queries(model: PreTrainedModel, queries: Sequence, what: str = "query") -> list[Tensor]:
+    """Each query as a non-empty 1-D LongTensor of ids in the vocabulary (one-line error otherwise)."""
+    if len(queries) == 0:
+        raise ImplicitICLError(f"no {what} given; give at least one")
+    checked = [as_token_ids(f"{what} {index}", query, model) for index, query in enumerate(queries)]
+    for index, query in enumerate(checked):
+        if query.numel() == 0:
+            raise ImplicitICLError(f"{what} {index} is empty; give at least one token per {what}")
+    return checked
+
+
+def reduced_inputs(queries: Sequence[Tensor], offset: int) -> ForwardInputs:
+    """The queries alone, left-padded, query i at positions offset .. offset + len_i − 1: [B, S]."""
+    positions = [offset + torch.arange(query.numel()) for query in queries]
+    return ForwardInputs.padded(list(queries), positions, side="left")
+
+
+@torch.no_grad()
+def reduced_logits(model: PreTrainedModel, queries: Sequence[Tensor], offset: int, batch_size: int = 32) -> Tensor:
+    """Next-token logits after each query alone at positions offset.. (see `reduced_inputs`): [N, V], float32,
+    on the CPU. Whatever patch or hook is active on the model acts on these runs."""
+    device = model_device(model)
+    rows = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        rows.append(run_model(model, reduced_inputs(chunk, offset).to(device))[:, -1].float().cpu())
+    return torch.cat(rows)
+
+
+class ContextPrefix:
+    """One context followed by B queries, run up to (not including) every query's last token, kept in a cache.
+
+    `last_logits()` runs the last tokens (one column) and returns their next-token logits [B, V]; the cache
+    is cut back afterwards, so it can be called again, e.g. once per intervention on the last position."""
+
+    @torch.no_grad()
+    def __init__(self, model: PreTrainedModel, context_ids: Tensor, queries: Sequence[Tensor]):
+        self.model, device = model, model_device(model)
+        context = context_ids.to(device)
+        n_context, n_queries = context.numel(), len(queries)
+        check_length(model, n_context + max(query.numel() for query in queries))
+        out = model(
+            input_ids=context[None],
+            position_ids=torch.arange(n_context, device=device)[None],
+            attention_mask=torch.ones(1, n_context, dtype=torch.long, device=device),
+            use_cache=True,
+        )
+        self.cache = out.cache
+        self.cache.batch_repeat_interleave(n_queries)
+        heads = [query[:-1].to(device) for query in queries]
+        width = max(head.numel() for head in heads)
+        self.mask = torch.ones(n_queries, n_context, dtype=torch.long, device=device)
+        if width:  # queries of one token have nothing before their last token
+            padded = ForwardInputs.padded(heads, [n_context + torch.arange(h.numel(), device=device) for h in heads])
+            self.mask = torch.cat([self.mask, padded.attention_mask], 1)
+            model(
+                input_ids=padded.input_ids,
+                position_ids=padded.position_ids,
+                attention_mask=self.mask,
+                cache=self.cache,
+                use_cache=True,
+            )
+        self.last_ids = torch.stack([query[-1] for query in queries]).to(device)[:, None]
+        self.last_positions = torch.tensor([n_context + q.numel() - 1 for q in queries], device=device)[:, None]
+
+    @torch.no_grad()
+    def last_logits(self) -> Tensor:
+        """Next-token logits after each query's last token: [B, V], float32, on the CPU."""
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        # A sliding-window cache forgets what it evicts and cannot be cut back: run those on a copy.
+        croppable = not any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        cache = self.cache if croppable else copy.deepcopy(self.cache)
+        try:
+            out = self.model(
+                input_ids=self.last_ids,
+                position_ids=self.last_positions,
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+            )
+        finally:
+            if croppable and cache.get_seq_length() == self.mask.shape[1] + 1:
+                cache.crop(-1)
+        return out.logits[:, -1].float().cpu()
+
+
+def context_logits(
+    model: PreTrainedModel, context_ids: Tensor, queries: Sequence[Tensor], batch_size: int = 32
+) -> Tensor:
+    """Next-token logits after context + query for each query (in-context learning): [N, V], float32, CPU."""
+    rows = [
+        ContextPrefix(model, context_ids, queries[start : start + batch_size]).last_logits()
+        for start in range(0, len(queries), batch_size)
+    ]
+    return torch.cat(rows)
