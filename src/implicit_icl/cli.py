@@ -48,16 +48,35 @@ def fail(error: Exception) -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("out/demo"), help="folder for index.html and the figures"),
+    toy: bool = typer.Option(False, "--toy", help="the seed paper's toy model instead (shipped checkpoint, ~10 s)"),
+    eval_task: list[str] | None = typer.Option(None, "--eval-task", help="task of the short evaluation (repeatable)"),
+    eval_prompts: int = typer.Option(20, help="prompts per task in the short evaluation"),
+    new_tokens: int = typer.Option(8, help="tokens to generate greedily, with the context and patched"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """The seed paper's toy model (shipped checkpoint): its context as an exact rank-1 patch, in seconds."""
-    from implicit_icl.toy.reproduce import demo as run_demo
+    """A few-shot prompt on the default model as an exact weight patch, checked every way; --toy: the toy model."""
+    if toy:
+        from implicit_icl.toy.reproduce import demo as run_toy_demo
+
+        try:
+            summary = run_toy_demo(out)
+        except ImplicitICLError as error:
+            fail(error)
+        emit(summary, as_json, f"toy in-context regression: prompt vs W + ΔW on the query alone — {out / 'index.html'}")
+        return
+    from implicit_icl.studies.demo import DemoSettings, headline, print_demo, run_demo
 
     try:
-        summary = run_demo(out)
+        settings = DemoSettings(eval_prompts=eval_prompts, new_tokens=new_tokens)
+        if eval_task:
+            settings = DemoSettings(tuple(eval_task), eval_prompts, new_tokens=new_tokens)
+        result = run_demo(out, settings)
     except ImplicitICLError as error:
         fail(error)
-    emit(summary, as_json, f"toy in-context regression: prompt vs W + ΔW on the query alone — {out / 'index.html'}")
+    if as_json:
+        emit(headline(result), as_json, "")
+        return
+    print_demo(console, result, out)
 
 
 @app.command()
@@ -147,6 +166,39 @@ def generate(
     except ImplicitICLError as error:
         fail(error)
     emit(result, as_json, f"{result['family']}: greedy tokens with context vs patched without it")
+
+
+@app.command()
+def evaluate(
+    model: str | None = _MODEL,
+    task: list[str] | None = typer.Option(None, "--task", help="a built-in task (repeatable); 'all' for every one"),
+    task_file: list[Path] | None = typer.Option(None, "--task-file", help="a JSON task file (repeatable)"),
+    shots: int = typer.Option(5, help="demonstrations per prompt"),
+    n: int = typer.Option(100, "--n", help="prompts per task"),
+    seed: int = typer.Option(0, help="seed of the prompts and of the bootstrap"),
+    dtype: str = _DTYPE,
+    batch_size: int = typer.Option(16, help="prompts per forward pass"),
+    first_token_only: bool = typer.Option(False, "--first-token-only", help="skip greedy whole answers"),
+    out: Path | None = typer.Option(None, help="folder for index.html, metrics.json and the figure"),
+    as_json: bool = _JSON,
+) -> None:
+    """Zero-shot vs in-context vs the query alone under its exact patch, per task, with bootstrap intervals."""
+    from implicit_icl.hf.commands import RunOptions
+    from implicit_icl.studies.evaluate import EvaluationSettings
+    from implicit_icl.studies.suite import print_evaluation, run_evaluation
+
+    try:
+        RunOptions(model, dtype)  # checks --dtype before anything loads
+        settings = EvaluationSettings(shots, n, seed, batch_size, whole_answers=not first_token_only)
+        result = run_evaluation(model, dtype, task or [], task_file or [], settings, out)
+    except ImplicitICLError as error:
+        fail(error)
+    if as_json:
+        emit(result, as_json, "")
+        return
+    print_evaluation(console, result)
+    if out is not None:
+        console.print(f"report: {out / 'index.html'}")
 
 
 def _print_changes(changes: list[dict]) -> None:

@@ -1,0 +1,206 @@
+"""`implicit-icl evaluate`: tasks by name or file, prompts, the model, scores per task, JSON and a report.
+
+Everything about the user's input (task names, task files, shots against pool sizes, n) is checked before the
+model loads, each failure one ImplicitICLError line.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.load import LoadedModel, load_model
+from implicit_icl.report import write_json
+from implicit_icl.studies.evaluate import EvaluationSettings, score_task, task_prompts
+from implicit_icl.studies.metrics import STRONG_GAIN, suite_summary, task_metrics
+from implicit_icl.studies.report import Bars, Page, plot_bars
+from implicit_icl.tasks import TASKS, Prompt, Task, load_task_file, task
+from implicit_icl.tasks.template import DEMONSTRATION, QUERY
+from implicit_icl.toy.progress import progress_bar
+
+ALL = "all"
+TEMPLATE = f"{DEMONSTRATION!r} per demonstration, then {QUERY!r}; scored: the first token of ' ' + output"
+
+
+def resolve_tasks(names: Sequence[str], files: Sequence[Path], shots: int) -> list[Task]:
+    """Built-in tasks by name ("all" for every one), then one task per file, each at most once."""
+    if not names and not files:
+        raise ImplicitICLError(f"give at least one --task NAME (or --task {ALL}) or --task-file FILE")
+    tasks: dict[str, Task] = {}
+    chosen = [t for name in names for t in (TASKS.values() if name == ALL else [task(name)])]
+    for item in chosen + [load_task_file(path, shots=shots) for path in files]:
+        if item.name in tasks and tasks[item.name] is not item:
+            raise ImplicitICLError(
+                f"two tasks are called {item.name!r} (a task file's name is its file's stem); rename the file"
+            )
+        tasks[item.name] = item
+    return list(tasks.values())
+
+
+def arithmetic_of(loaded: LoadedModel) -> torch.dtype:
+    """The patch's arithmetic: the model's own float32 or float64 (float32 for a bfloat16 model)."""
+    return torch.float64 if loaded.model.dtype == torch.float64 else torch.float32
+
+
+def evaluate_prompts(
+    loaded: LoadedModel, prompts: dict[str, tuple[Task, list[Prompt]]], settings: EvaluationSettings
+) -> list[dict]:
+    """Every task's metrics, with a progress bar over its prompts on stderr."""
+    if loaded.tokenizer is None:
+        raise ImplicitICLError(f"{loaded.name} has no tokenizer; task prompts are text, so evaluate needs one")
+    results = []
+    with progress_bar() as bar:
+        for name, (item, task_prompts_) in prompts.items():
+            bar_task = bar.add_task(f"evaluate {name}", total=len(task_prompts_))
+            start = time.perf_counter()
+            scores = score_task(
+                loaded.model,
+                loaded.tokenizer,
+                task_prompts_,
+                settings,
+                arithmetic_of(loaded),
+                progress=lambda done, t=bar_task: bar.advance(t, done),
+            )
+            seconds = time.perf_counter() - start
+            results.append(task_metrics(item, task_prompts_, scores, loaded.tokenizer, settings, seconds))
+            bar.remove_task(bar_task)
+    return results
+
+
+def run_evaluation(
+    model: str | None,
+    dtype: str,
+    names: Sequence[str],
+    files: Sequence[Path],
+    settings: EvaluationSettings,
+    out: Path | None = None,
+    loaded: LoadedModel | None = None,
+) -> dict:
+    """The whole command: JSON-ready result (and out/index.html, out/metrics.json, the figure when out)."""
+    tasks = resolve_tasks(names, files, settings.shots)
+    prompts = {item.name: (item, task_prompts(item, settings)) for item in tasks}  # checks shots first
+    start = time.perf_counter()
+    loaded = loaded or load_model(model, dtype)
+    results = evaluate_prompts(loaded, prompts, settings)
+    result = {
+        "model": loaded.name,
+        "model_dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "patch_arithmetic": str(arithmetic_of(loaded)).removeprefix("torch."),
+        "shots": settings.shots,
+        "n": settings.n,
+        "seed": settings.seed,
+        "template": TEMPLATE,
+        "whole_answers": settings.whole_answers,
+        "summary": suite_summary(results),
+        "tasks": results,
+        "seconds": time.perf_counter() - start,
+    }
+    if out is not None:
+        write_evaluation_report(Path(out), result)
+    return result
+
+
+def interval(metrics: dict, key: str) -> str:
+    low, high = metrics[f"{key}_ci95"]
+    return f"{metrics[key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def task_rows(result: dict) -> tuple[list[str], list[list[object]]]:
+    """The table of tasks, for the terminal and the HTML report."""
+    header = ["task", "kind", "zero-shot", "ICL", "patched", "patched = ICL top-1", "max |Δlogit|"]
+    whole = result["whole_answers"]
+    if whole:
+        header += ["whole answer: zero-shot", "ICL", "patched"]
+    rows = []
+    for metrics in result["tasks"]:
+        row = [metrics["task"], metrics["kind"]]
+        row += [interval(metrics, f"{side}_accuracy") for side in ("zero_shot", "icl", "patched")]
+        row += [f"{metrics['patched_agreement']:.3f}", f"{metrics['max_abs_logit_diff']:.1e}"]
+        if whole:
+            row += [f"{metrics[f'whole_answer_{side}_accuracy']:.2f}" for side in ("zero_shot", "icl", "patched")]
+        rows.append(row)
+    return header, rows
+
+
+def print_evaluation(console: Console, result: dict) -> None:
+    """The table of tasks; piped output gets a wide table instead of rich's 80 columns."""
+    wide = console if console.is_terminal else Console(file=console.file, width=170)
+    wide.print(evaluation_table(result))
+
+
+def evaluation_table(result: dict) -> Table:
+    header, rows = task_rows(result)
+    table = Table(title=settings_line(result))
+    for index, column in enumerate(header):
+        table.add_column(column, justify="left" if index < 2 else "right")
+    for row in rows:
+        table.add_row(*(str(value) for value in row))
+    return table
+
+
+def settings_line(result: dict) -> str:
+    return (
+        f"{result['model']} ({result['model_dtype']}, patch arithmetic {result['patch_arithmetic']}): "
+        f"first-token accuracy [bootstrap 95%], {result['n']} prompts per task, {result['shots']} shots, "
+        f"seed {result['seed']}"
+    )
+
+
+def write_evaluation_report(out: Path, result: dict) -> Path:
+    """out/metrics.json, out/accuracy.png|svg and out/index.html."""
+    write_json(out / "metrics.json", result)
+    tasks = result["tasks"]
+    series = [
+        Bars(
+            label,
+            [t[f"{side}_accuracy"] for t in tasks],
+            [t[f"{side}_accuracy_ci95"][0] for t in tasks],
+            [t[f"{side}_accuracy_ci95"][1] for t in tasks],
+        )
+        for label, side in (("zero-shot", "zero_shot"), ("ICL", "icl"), ("patched, no context", "patched"))
+    ]
+    plot_bars(out / "accuracy", [t["task"] for t in tasks], series, "first-token accuracy", "accuracy per task")
+    summary = result["summary"]
+    page = Page(f"implicit-icl evaluate: {result['model']}")
+    page.paragraph(
+        f"{settings_line(result)}. Prompt template: {result['template']}. Zero-shot: the query alone. ICL: the "
+        "demonstrations, then the query. Patched: the query alone at its original positions, under the exact "
+        "weight patch computed from its own demonstrations (no context in the input)."
+    )
+    page.paragraph(
+        f"Tasks where ICL beats zero-shot by ≥ {STRONG_GAIN}: {summary[f'n_tasks_icl_gain_at_least_{STRONG_GAIN}']} "
+        f"of {summary['n_tasks']}. Patched top-1 = ICL top-1 on {summary['patched_agreement_overall']:.4f} of all "
+        f"prompts; largest |patched − ICL| logit difference {summary['max_abs_logit_diff_overall']:.2e}."
+    )
+    header, rows = task_rows(result)
+    page.table(header, rows, f"Per task, {result['n']} prompts each: accuracy with bootstrap 95% intervals.")
+    page.figure("accuracy.png", f"First-token accuracy per task ({result['n']} prompts each), bootstrap 95% intervals.")
+    disagreeing = [(t["task"], d) for t in tasks for d in t["disagreements"]]
+    if disagreeing:
+        page.table(
+            ["task", "query", "ICL top-1", "patched top-1", "ICL top-2 margin", "max |Δlogit|"],
+            [
+                [
+                    name,
+                    d["input"],
+                    repr(d["icl_token"]),
+                    repr(d["patched_token"]),
+                    d["icl_top2_margin"],
+                    d["max_abs_logit_diff"],
+                ]
+                for name, d in disagreeing
+            ],
+            "Prompts where the patched top-1 token differs from ICL's, with ICL's top-1 minus top-2 logit.",
+        )
+    page.table(
+        ["task", "query", "expected", "zero-shot", "ICL", "patched"],
+        [[t["task"], *e.values()] for t in tasks for e in t["examples"]],
+        "The first prompts of each task and each side's greedy answer.",
+    )
+    return page.write(out)
