@@ -54,7 +54,8 @@ class DemoSettings:
     top_k: int = 5
 
     def __post_init__(self) -> None:  # fail before the model loads
-        EvaluationSettings(self.shots, self.eval_prompts)
+        if self.eval_prompts < 1:
+            raise ImplicitICLError(f"--eval-prompts must be at least 1, got {self.eval_prompts}")
         if not self.eval_tasks:
             raise ImplicitICLError("the demo's evaluation needs at least one task; give --eval-task NAME")
         for name in self.eval_tasks:
