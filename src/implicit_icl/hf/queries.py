@@ -54,55 +54,69 @@ def reduced_logits(model: PreTrainedModel, queries: Sequence[Tensor], offset: in
 
 
 class ContextPrefix:
-    """One context followed by B queries, run up to (not including) every query's last token, kept in a cache.
+    """A context followed by B queries, run up to (not including) every query's last token, kept in a cache.
 
-    `last_logits()` runs the last tokens (one column) and returns their next-token logits [B, V]; the cache
-    is cut back afterwards, so it can be called again, e.g. once per intervention on the last position."""
+    `last_logits()` runs the last tokens (one column) and returns their next-token logits [B · repeats, V];
+    the cache is cut back afterwards, so it can be called again, e.g. once per intervention on the last
+    position. repeats: every query's row is copied `repeats` times (row b · repeats + c), so that one call
+    can try `repeats` interventions at once, each on its own copies. An empty context gives the queries
+    alone, their first tokens at position `start` (default: the context's length)."""
 
     @torch.no_grad()
-    def __init__(self, model: PreTrainedModel, context_ids: Tensor, queries: Sequence[Tensor]):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        context_ids: Tensor,
+        queries: Sequence[Tensor],
+        repeats: int = 1,
+        start: int | None = None,
+    ):
         self.model, device = model, model_device(model)
         context = context_ids.to(device)
         n_context, n_queries = context.numel(), len(queries)
-        check_length(model, n_context + max(query.numel() for query in queries))
-        out = model(
-            input_ids=context[None],
-            position_ids=torch.arange(n_context, device=device)[None],
-            attention_mask=torch.ones(1, n_context, dtype=torch.long, device=device),
-            use_cache=True,
-        )
-        self.cache = out.cache
-        self.cache.batch_repeat_interleave(n_queries)
+        start = n_context if start is None else start
+        if n_context and start != n_context:
+            raise ImplicitICLError(f"queries after a context of {n_context} tokens start at {n_context}, not {start}")
+        check_length(model, start + max(query.numel() for query in queries))
+        self.cache, self.mask = None, torch.ones(n_queries, n_context, dtype=torch.long, device=device)
+        if n_context:
+            self.cache = self._run(context[None], torch.arange(n_context, device=device)[None], self.mask[:1])
+            self.cache.batch_repeat_interleave(n_queries)
         heads = [query[:-1].to(device) for query in queries]
-        width = max(head.numel() for head in heads)
-        self.mask = torch.ones(n_queries, n_context, dtype=torch.long, device=device)
-        if width:  # queries of one token have nothing before their last token
-            padded = ForwardInputs.padded(heads, [n_context + torch.arange(h.numel(), device=device) for h in heads])
+        if max(head.numel() for head in heads):  # queries of one token have nothing before their last token
+            padded = ForwardInputs.padded(heads, [start + torch.arange(h.numel(), device=device) for h in heads])
             self.mask = torch.cat([self.mask, padded.attention_mask], 1)
-            model(
-                input_ids=padded.input_ids,
-                position_ids=padded.position_ids,
-                attention_mask=self.mask,
-                cache=self.cache,
-                use_cache=True,
-            )
-        self.last_ids = torch.stack([query[-1] for query in queries]).to(device)[:, None]
-        self.last_positions = torch.tensor([n_context + q.numel() - 1 for q in queries], device=device)[:, None]
+            self.cache = self._run(padded.input_ids, padded.position_ids, self.mask)
+        if self.cache is not None and repeats > 1:
+            self.cache.batch_repeat_interleave(repeats)
+        self.mask = self.mask.repeat_interleave(repeats, 0)
+        last_ids = torch.stack([query[-1] for query in queries]).to(device)
+        last_positions = torch.tensor([start + query.numel() - 1 for query in queries], device=device)
+        self.last_ids = last_ids.repeat_interleave(repeats)[:, None]
+        self.last_positions = last_positions.repeat_interleave(repeats)[:, None]
+
+    def _run(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor):
+        out = self.model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=self.cache, use_cache=True
+        )
+        return out.cache
 
     @torch.no_grad()
     def last_logits(self) -> Tensor:
-        """Next-token logits after each query's last token: [B, V], float32, on the CPU."""
+        """Next-token logits after each query's last token: [B · repeats, V], float32, on the CPU."""
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], 1)
+        cache = self.cache
         # A sliding-window cache forgets what it evicts and cannot be cut back: run those on a copy.
-        croppable = not any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
-        cache = self.cache if croppable else copy.deepcopy(self.cache)
+        croppable = cache is not None and not any(getattr(layer, "is_sliding", False) for layer in cache.layers)
+        if cache is not None and not croppable:
+            cache = copy.deepcopy(cache)
         try:
             out = self.model(
                 input_ids=self.last_ids,
                 position_ids=self.last_positions,
                 attention_mask=mask,
                 cache=cache,
-                use_cache=True,
+                use_cache=cache is not None,
             )
         finally:
             if croppable and cache.get_seq_length() == self.mask.shape[1] + 1:
