@@ -17,9 +17,10 @@ from implicit_icl.cli import app
 from implicit_icl.hf import compute_patch, patched_generate
 from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.studies import suite
-from implicit_icl.studies.evaluate import EvaluationSettings, Scores, first_token_logits, whole_answers
+from implicit_icl.studies.evaluate import EvaluationSettings, Scores, answer_batch, first_token_logits
 from implicit_icl.studies.metrics import disagreements, first_token_metrics
 from implicit_icl.tasks import EncodedPrompt, Example, Prompt
+from implicit_icl.tasks.evaluate import answer_ends
 
 runner = CliRunner()
 NEWLINE = 7  # the fake tokenizer's separator
@@ -99,8 +100,8 @@ def test_whole_answers_match_hfs_generate_and_patched_generate():
     model, tokenizer = tiny_model("llama", seed=2), DigitTokenizer()
     prompts = id_prompts([(12, 2, 4), (25, 3, 2), (6, 1, 5)], seed=11)
     with float64_softmax(), torch.no_grad():
-        first = first_token_logits(model, prompts, torch.float64)
-        zero_shot, icl, patched = whole_answers(model, tokenizer, prompts, first, torch.float64)
+        answers = answer_batch(model, prompts, torch.float64, ends=answer_ends(tokenizer))
+        zero_shot, icl, patched = answers.zero_shot, answers.icl, answers.patched
         for row, prompt in enumerate(prompts):
             budget = prompt.generation_budget
             generated = model.generate(
@@ -113,6 +114,18 @@ def test_whole_answers_match_hfs_generate_and_patched_generate():
             reference = patched_generate(model, prompt.context_ids, prompt.query_ids, budget, dtype=torch.float64)
             assert patched[row] == truncated(reference.tokens_patched, budget)
     assert patched == icl
+
+
+def test_float32_whole_answers_through_hfs_cache_agree_with_the_patched_ones():
+    model, tokenizer = tiny_model("llama", seed=3, dtype=torch.float32), DigitTokenizer()
+    prompts = id_prompts([(12, 2, 4), (25, 3, 2), (6, 1, 5), (30, 2, 6)], seed=12)
+    answers = answer_batch(model, prompts, torch.float32, ends=answer_ends(tokenizer))
+    for row, prompt in enumerate(prompts):
+        budget = prompt.generation_budget
+        generated = model.generate(prompt.input_ids[None], max_new_tokens=budget, do_sample=False, eos_token_id=None)
+        assert answers.icl[row] == truncated(generated[0, len(prompt.input_ids) :].tolist(), budget)
+    assert answers.patched == answers.icl
+    assert (answers.logits.patched - answers.logits.icl).abs().max() <= 1e-4
 
 
 def test_metrics_pair_the_sides_and_list_every_disagreement():

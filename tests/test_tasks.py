@@ -29,7 +29,7 @@ from implicit_icl.tasks import (
     task_names,
     whole_answer_correct,
 )
-from implicit_icl.tasks.evaluate import greedy_continuations, greedy_tokens, plain_next_tokens
+from implicit_icl.tasks.evaluate import decode_greedily, greedy_continuations, greedy_tokens, plain_next_tokens
 from implicit_icl.tasks.task import MIN_EXAMPLES
 
 GENERATED = [name for name in TASKS if TASKS[name].generated]
@@ -206,7 +206,9 @@ class DigitTokenizer:
 def test_greedy_decoding_matches_hfs_generate(dtype):
     model, tokenizer = tiny_model("llama", dtype=dtype), DigitTokenizer()
     sequences = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6])]
-    decoded = greedy_tokens(model, tokenizer, sequences, steps=6)
+    decoded = greedy_tokens(model, tokenizer, sequences, steps=6)  # float32: through HF's cache; float64: re-reading
+    logits, _ = decode_greedily(model, sequences, [6, 6], lambda token: False)
+    torch.testing.assert_close(logits, next_token_logits(model, sequences), atol=1e-5, rtol=1e-5)
     for sequence, tokens in zip(sequences, decoded, strict=True):
         reference = model.generate(sequence[None], max_new_tokens=6, do_sample=False, eos_token_id=None)[0]
         reference = reference[len(sequence) :].tolist()

@@ -2,7 +2,7 @@
 
 Per batch of prompts (docs/experiments.md §6), at the answer position:
 - zero-shot: the query alone, at positions 0 .. Q − 1;
-- ICL: context then query, left-padded (`tasks.evaluate.next_token_logits`);
+- ICL: context then query, left-padded, and its greedy answer (`tasks.evaluate.decode_greedily`);
 - patched: the query alone at its original positions C .. C + Q − 1, under its own exact patch. The patches of
   the whole batch come from one `compute_patches` call (one padded context-ful pass, one reduced pass) and act
   through hooks, entry i on batch row i, on the same left-padded layout the construction used.
@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.construct import compute_patches
 from implicit_icl.tasks import EncodedPrompt, Prompt, Task, encode, greedy_continuations, sample_prompts
-from implicit_icl.tasks.evaluate import NextTokens, answer_ends, next_token_logits, plain_next_tokens
+from implicit_icl.tasks.evaluate import NextTokens, answer_ends, decode_greedily, next_token_logits
 
 Progress = Callable[[int], None]  # called with the number of prompts just finished
 
@@ -83,12 +83,39 @@ def first_token_logits(
     model: PreTrainedModel, prompts: Sequence[EncodedPrompt], arithmetic: torch.dtype
 ) -> FirstTokenLogits:
     """Zero-shot, ICL and patched logits at the answer position of each prompt (module docstring)."""
-    queries = [p.query_ids for p in prompts]
-    return FirstTokenLogits(
-        zero_shot=next_token_logits(model, queries),
-        icl=next_token_logits(model, [p.input_ids for p in prompts]),
-        patched=patched_next_token_logits(model, [p.context_ids for p in prompts], queries, arithmetic),
-    )
+    return answer_batch(model, prompts, arithmetic).logits
+
+
+@dataclass(frozen=True)
+class BatchAnswers:
+    """A batch's logits at the answer position, and its greedy answers (B token lists per side, or None)."""
+
+    logits: FirstTokenLogits
+    zero_shot: list[list[int]] | None = None
+    icl: list[list[int]] | None = None
+    patched: list[list[int]] | None = None
+
+
+def answer_batch(
+    model: PreTrainedModel,
+    prompts: Sequence[EncodedPrompt],
+    arithmetic: torch.dtype,
+    ends: Callable[[int], bool] | None = None,
+) -> BatchAnswers:
+    """First-token logits three ways and, when `ends` is given, whole greedy answers three ways, each until its
+    first token that `ends` or `generation_budget` tokens; every side starts from its own first-token choice."""
+    budgets = [p.generation_budget if ends is not None else 1 for p in prompts]
+    stop = ends or (lambda token: True)
+    queries, with_context = [p.query_ids for p in prompts], [p.input_ids for p in prompts]
+    zero_shot_logits, zero_shot = decode_greedily(model, queries, budgets, stop)
+    icl_logits, icl = decode_greedily(model, with_context, budgets, stop)
+    patched_logits = patched_next_token_logits(model, [p.context_ids for p in prompts], queries, arithmetic)
+    logits = FirstTokenLogits(zero_shot_logits, icl_logits, patched_logits)
+    if ends is None:
+        return BatchAnswers(logits)
+    first = patched_logits.argmax(-1).tolist()
+    patched = greedy_continuations(patched_next_tokens(model, arithmetic), with_context, budgets, ends, first)
+    return BatchAnswers(logits, zero_shot, icl, patched)
 
 
 @dataclass
@@ -115,30 +142,6 @@ class Scores:
         self.max_abs_logit_diff += (logits.patched.double() - logits.icl.double()).abs().amax(-1).tolist()
 
 
-def whole_answers(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[EncodedPrompt],
-    first: FirstTokenLogits,
-    arithmetic: torch.dtype,
-) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """Greedy answers zero-shot, with ICL and patched (module docstring), each until its separator or
-    `generation_budget` tokens; every side starts from its own first-token prediction."""
-    budgets = [p.generation_budget for p in prompts]
-    ends = answer_ends(tokenizer)
-
-    def decode(next_tokens: NextTokens, sequences: list[Tensor], logits: Tensor) -> list[list[int]]:
-        return greedy_continuations(next_tokens, sequences, budgets, ends, first_tokens=logits.argmax(-1).tolist())
-
-    plain = plain_next_tokens(model)
-    with_context = [p.input_ids for p in prompts]
-    return (
-        decode(plain, [p.query_ids for p in prompts], first.zero_shot),
-        decode(plain, with_context, first.icl),
-        decode(patched_next_tokens(model, arithmetic), with_context, first.patched),
-    )
-
-
 def score_task(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -152,13 +155,12 @@ def score_task(
     scores = Scores()
     for start in range(0, len(encoded), settings.batch_size):
         batch = encoded[start : start + settings.batch_size]
-        logits = first_token_logits(model, batch, arithmetic)
-        scores.add_first_tokens(batch, logits)
+        answers = answer_batch(model, batch, arithmetic, answer_ends(tokenizer) if settings.whole_answers else None)
+        scores.add_first_tokens(batch, answers.logits)
         if settings.whole_answers:
-            zero_shot, icl, patched = whole_answers(model, tokenizer, batch, logits, arithmetic)
-            scores.zero_shot_answer += zero_shot
-            scores.icl_answer += icl
-            scores.patched_answer += patched
+            scores.zero_shot_answer += answers.zero_shot
+            scores.icl_answer += answers.icl
+            scores.patched_answer += answers.patched
         if progress is not None:
             progress(len(batch))
     return scores

@@ -1,11 +1,14 @@
-"""Forward passes over encoded prompts, through the engine's forward helpers: next-token logits and greedy answers.
+"""Forward passes over encoded prompts: next-token logits and greedy answers, batched with left padding.
 
-Prompts are batched with left padding (`ForwardInputs.padded`), so every prompt's last token sits in the last
-column, with positions that start at 0 on each prompt's first real token (or the positions given) and the
-padding masked out; `run_model` also lets padding see itself, so a float64 model's float32 softmax gives no
-NaN. Greedy decoding re-reads each growing sequence at every step instead of keeping a cache: answers are a
-few tokens long, and every step then lays out its keys exactly as the exact patch's own context-ful pass
-does (`implicit_icl.studies.evaluate` decodes the patched side with the same loop).
+Prompts are padded on the left (`ForwardInputs.padded`), so every prompt's last token sits in the last column,
+with positions that start at 0 on each prompt's first real token (or the positions given) and the padding
+masked out. Two ways to decode greedily:
+- `greedy_continuations` re-reads each growing sequence at every step through `run_model`, which lets padding
+  see itself, so a float64 model's float32 softmax gives no NaN; any next-token rule can drive it (the exact
+  patch's decoding in `implicit_icl.studies.evaluate` does);
+- `decode_greedily`, the model's own greedy answers: float32 and bfloat16 models read each prompt once and then
+  one token per step through HF's cache, only the last position going through the head; float64 models take
+  the first way (HF's own padding mask would give their padding rows NaN).
 """
 
 from __future__ import annotations
@@ -77,11 +80,42 @@ def greedy_continuations(
     return generated
 
 
+@torch.no_grad()
+def decode_greedily(
+    model: PreTrainedModel, sequences: Sequence[Tensor], budgets: Sequence[int], ends: Callable[[int], bool]
+) -> tuple[Tensor, list[list[int]]]:
+    """The logits after each sequence [B, V] (CPU, model dtype) and up to budgets[b] ≥ 1 greedy tokens after
+    sequence b, each list ending at its first token that `ends` (module docstring: cached unless float64)."""
+    if model.dtype == torch.float64:
+        logits = next_token_logits(model, sequences)
+        first = logits.argmax(-1).tolist()
+        return logits, greedy_continuations(plain_next_tokens(model), sequences, budgets, ends, first_tokens=first)
+    inputs = ForwardInputs.padded(list(sequences), side="left").to(model_device(model))
+    ids, mask, positions = inputs.input_ids, inputs.attention_mask, inputs.position_ids
+    generated: list[list[int]] = [[] for _ in sequences]
+    running = [True] * len(sequences)
+    cache, first_logits = None, None
+    while any(running):
+        output = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        logits, cache = output.logits[:, -1], output.cache
+        first_logits = logits.cpu() if first_logits is None else first_logits
+        tokens = logits.argmax(-1)
+        for row, token in enumerate(tokens.tolist()):
+            if running[row]:
+                generated[row].append(token)
+                running[row] = not ends(token) and len(generated[row]) < budgets[row]
+        ids, positions = tokens[:, None], positions[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+    return first_logits, generated
+
+
 def greedy_tokens(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[Tensor], steps: int
 ) -> list[list[int]]:
     """Up to `steps` greedy tokens after each sequence, each list ending at its first newline or end token."""
-    return greedy_continuations(plain_next_tokens(model), sequences, [steps] * len(sequences), answer_ends(tokenizer))
+    return decode_greedily(model, sequences, [steps] * len(sequences), answer_ends(tokenizer))[1]
 
 
 @dataclass(frozen=True)
@@ -112,7 +146,7 @@ def answer_prompts(
         chunk = encoded[start : start + batch_size]
         inputs = [e.input_ids if with_context else e.query_ids for e in chunk]
         budgets = [e.generation_budget if decode else 1 for e in chunk]
-        generated = greedy_continuations(plain_next_tokens(model), inputs, budgets, answer_ends(tokenizer))
+        _, generated = decode_greedily(model, inputs, budgets, answer_ends(tokenizer))
         first += [tokens[0] == e.answer_token for tokens, e in zip(generated, chunk, strict=True)]
         texts += [tokenizer.decode(tokens, skip_special_tokens=True) if decode else "" for tokens in generated]
     whole = [decode and whole_answer_correct(text, p.query.output) for text, p in zip(texts, prompts, strict=True)]
