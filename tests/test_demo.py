@@ -72,6 +72,7 @@ def test_bad_demo_options_fail_in_one_line_before_loading(monkeypatch):
         (["--eval-task", "capitals"], "no task called 'capitals'"),
         (["--eval-prompts", "0"], "--eval-prompts must be at least 1"),
         (["--new-tokens", "0"], "--new-tokens must be at least 1"),
+        (["--out", __file__], "is a file, not a folder"),
     ):
         result = runner.invoke(app, ["demo", *arguments])
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1

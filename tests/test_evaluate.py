@@ -179,6 +179,7 @@ NUMBERS = [{"input": word, "output": str(i)} for i, word in enumerate(["zero", "
         (["--task", "antonym", "--shots", "0"], "--shots must be at least 1"),
         (["--task", "antonym", "--dtype", "float16"], "unknown --dtype"),
         ([], "give at least one --task NAME"),
+        (["--task", "antonym", "--out", __file__], "is a file, not a folder"),
     ],
 )
 def test_bad_input_fails_in_one_line(no_model_load, arguments, message):

@@ -27,7 +27,7 @@ from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.hf.verify import verify_patch
 from implicit_icl.report import Curve, plot_curves, write_json
 from implicit_icl.studies.evaluate import EvaluationSettings
-from implicit_icl.studies.report import Page
+from implicit_icl.studies.report import Page, check_out_folder
 from implicit_icl.studies.suite import print_evaluation, run_evaluation, write_evaluation_report
 from implicit_icl.tasks import Example, Prompt, encode, greedy_continuations, sample_prompts, task
 from implicit_icl.tasks.evaluate import next_token_logits, plain_next_tokens
@@ -102,6 +102,7 @@ def layer_rows(patch, layer_diffs: list[float]) -> tuple[list[str], list[list[ob
 
 def run_demo(out: Path, settings: DemoSettings = DemoSettings(), loaded: LoadedModel | None = None) -> dict:
     """Compute everything, write out/index.html (+ figures, metrics.json); returns the results."""
+    check_out_folder(out)
     start = time.perf_counter()
     say = Console(stderr=True, highlight=False).print
     if loaded is None:
@@ -290,7 +291,7 @@ def write_demo_report(out: Path, result: dict) -> Path:
             for t in evaluation["tasks"]
         ],
         f"Short evaluation: first-token accuracy on {evaluation['n']} prompts per task, {evaluation['shots']} shots, "
-        f"seed {evaluation['seed']}; intervals and whole answers in evaluation/index.html.",
+        f"seed {evaluation['seed']}; bootstrap intervals and examples in evaluation/index.html.",
     )
     page.figure(
         "evaluation/accuracy.png",

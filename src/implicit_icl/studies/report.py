@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from implicit_icl.atomic import write_atomically  # noqa: E402
+from implicit_icl.errors import ImplicitICLError  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }
@@ -26,6 +27,12 @@ caption { caption-side: bottom; text-align: left; color: #333; font-size: 0.9rem
 figure { margin: 1.5rem 0; } img { max-width: 100%; } figcaption { color: #333; font-size: 0.9rem; }
 code, pre { background: #f4f4f4; padding: 0 0.2rem; } pre { padding: 0.6rem; overflow-x: auto; }
 """
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse, before any work, an --out that names a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ImplicitICLError(f"--out {out} is a file, not a folder; give a folder for the report")
 
 
 def cell(value: object) -> str:

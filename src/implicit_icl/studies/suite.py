@@ -19,7 +19,7 @@ from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.report import write_json
 from implicit_icl.studies.evaluate import EvaluationSettings, score_task, task_prompts
 from implicit_icl.studies.metrics import STRONG_GAIN, suite_summary, task_metrics
-from implicit_icl.studies.report import Bars, Page, plot_bars
+from implicit_icl.studies.report import Bars, Page, check_out_folder, plot_bars
 from implicit_icl.tasks import TASKS, Prompt, Task, load_task_file, task
 from implicit_icl.tasks.template import DEMONSTRATION, QUERY
 from implicit_icl.toy.progress import progress_bar
@@ -83,6 +83,8 @@ def run_evaluation(
     loaded: LoadedModel | None = None,
 ) -> dict:
     """The whole command: JSON-ready result (and out/index.html, out/metrics.json, the figure when out)."""
+    if out is not None:
+        check_out_folder(out)
     tasks = resolve_tasks(names, files, settings.shots)
     prompts = {item.name: (item, task_prompts(item, settings)) for item in tasks}  # checks shots first
     start = time.perf_counter()
