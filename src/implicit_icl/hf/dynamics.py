@@ -39,7 +39,7 @@ from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.apply import Patch
 from implicit_icl.hf.capture import ContextStates, hooked, record_context, replayed
 from implicit_icl.hf.construct import _check_settings, _patch, chain_patches
-from implicit_icl.hf.forward import ForwardInputs, custom_attention_mask, model_device
+from implicit_icl.hf.forward import ForwardInputs, _attention_mask, custom_attention_mask, model_device
 from implicit_icl.hf.inputs import TokenIds, as_token_ids, check_length
 from implicit_icl.hf.spec import FamilySpec, layers_of, spec_for
 from implicit_icl.patch import Source, concatenate
@@ -57,7 +57,7 @@ class Trajectory:
     patch: a batched Patch whose entry j is the exact patch of prefix p_j: with it, the query alone at positions
         p_j..p_j + q − 1 gives what the model gives after c_1..c_{p_j}.
     context_logits: [P, V] the model with prefix p_j, at the last query token. patched_logits: [P, V] the query
-        alone under entry j. Both in the model's dtype.
+        alone under entry j (None when not verified). Both in the model's dtype.
     mlp_inputs: per layer [P, in], what the layer's first MLP matrix reads at the last query token with prefix
         p_j (the A_j of theory.md §6 in that layer; for a mixture of experts, the router's input).
     method: "one pass" or "loop"; notice: why the loop ran (None for one pass); chunks: context-ful passes.
@@ -67,7 +67,7 @@ class Trajectory:
     prefix_lengths: tuple[int, ...]
     patch: Patch
     context_logits: Tensor
-    patched_logits: Tensor
+    patched_logits: Tensor | None
     mlp_inputs: list[Tensor]
     method: str
     notice: str | None
@@ -77,7 +77,9 @@ class Trajectory:
 
     @property
     def max_abs_logit_diff(self) -> float:
-        """Patched query vs the model with the same prefix, worst over prefixes and logits."""
+        """Patched query vs the model with the same prefix, worst over prefixes and logits (NaN: not verified)."""
+        if self.patched_logits is None:
+            return float("nan")
         return float((self.patched_logits.double() - self.context_logits.double()).abs().max())
 
 
@@ -92,6 +94,7 @@ def prefix_patches(
     memory_budget: int = MEMORY_BUDGET,
     chunk_size: int | None = None,
     progress: bool = False,
+    verify: bool = True,
 ) -> Trajectory:
     """The exact patch of every chosen prefix of the context for the query's last token.
 
@@ -99,7 +102,8 @@ def prefix_patches(
     output, dtype: as in `compute_patch`. method: "one pass" (custom mask, chunks of copies), "loop" (one
     context-ful pass per prefix), or "auto" (one pass where the family's attention takes a custom mask, else the
     loop with a warning). memory_budget: bytes of attention one chunk may hold; chunk_size: copies per chunk
-    instead (for tests).
+    instead (for tests). verify: also run every query alone under its patch (`patched_logits`, the check
+    against the context-ful logits); without it the trajectory costs the two passes that build the patches.
     """
     spec, output = _check_settings(model, output, dtype)
     if spec.encoder:
@@ -125,15 +129,14 @@ def prefix_patches(
     if progress and len(groups) > 1:
         groups = track(groups, description=f"prefixes ({method})", console=Console(stderr=True), transient=True)
     start = time.perf_counter()
-    parts = [
-        _group(model, spec, context, query, group, output, dtype, one_pass=method == "one pass") for group in groups
-    ]
+    one_pass = method == "one pass"
+    parts = [_group(model, spec, context, query, group, output, dtype, one_pass, verify) for group in groups]
     seconds = time.perf_counter() - start
     return Trajectory(
         prefix_lengths=tuple(prefixes),
         patch=concatenate([part.patch for part in parts]),
         context_logits=torch.cat([part.context_logits for part in parts]),
-        patched_logits=torch.cat([part.patched_logits for part in parts]),
+        patched_logits=torch.cat([part.patched_logits for part in parts]) if verify else None,
         mlp_inputs=[torch.cat(layer) for layer in zip(*(part.mlp_inputs for part in parts), strict=True)],
         method=method,
         notice=notice,
@@ -242,11 +245,11 @@ def attention_bytes_per_entry(model: PreTrainedModel) -> int:
 class _Part:
     patch: Patch
     context_logits: Tensor
-    patched_logits: Tensor
+    patched_logits: Tensor | None
     mlp_inputs: list[Tensor]
 
 
-def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output, dtype, one_pass: bool) -> _Part:
+def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output, dtype, one_pass, verify) -> _Part:
     """The patches of a group of prefixes: one custom-masked pass (one_pass) or one plain pass (one prefix)."""
     device = model_device(model)
     q = query.numel()
@@ -272,7 +275,8 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
     sources = [Source(tuple(context[:p].tolist()), tuple(query.tolist()), tuple(range(p, p + q))) for p in prefixes]
     patch = _patch(model, deltas, output, dtype, sources, None)
     mlp_inputs = reading.mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
-    return _Part(patch, context_logits, patched_last_logits(model, patch, reduced), mlp_inputs)
+    patched_logits = patched_last_logits(model, patch, reduced) if verify else None
+    return _Part(patch, context_logits, patched_logits, mlp_inputs)
 
 
 def _entry(states: ContextStates, j: int) -> ContextStates:
@@ -332,11 +336,17 @@ def _reading(model: PreTrainedModel, spec: FamilySpec, rows: Tensor) -> Iterator
 
 @torch.no_grad()
 def last_logits(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor:
-    """Logits [B, V] at the last position of a plain batch (the head runs on that position only)."""
+    """Logits [B, V] at the last position of a batch (the head runs on that position only)."""
+    return last_position_logits(model, inputs)
+
+
+def last_position_logits(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor:
+    """`run_model` (plain, left-padded or custom-masked inputs) with the head on the last position only: [B, V].
+    Differentiable (no no_grad), for fine-tuning."""
     output = model(
         input_ids=inputs.input_ids,
         position_ids=inputs.position_ids,
-        attention_mask=inputs.attention_mask,
+        attention_mask=_attention_mask(model, inputs),
         use_cache=False,
         logits_to_keep=1,
     )

@@ -54,3 +54,35 @@ def plot_curves(
         paths.append(write_atomically(target, lambda path, s=suffix: figure.savefig(path, format=s[1:])))
     plt.close(figure)
     return paths
+
+
+def plot_heatmap(
+    stem: Path,
+    values: list[list[float]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    x: list[float] | None = None,
+    log_color: bool = True,
+    colorbar: str = "",
+) -> list[Path]:
+    """values [rows, columns] as an image (row 0 at the bottom), x the column coordinates (default 0..); a
+    logarithmic colour scale unless log_color=False; writes stem.png and stem.svg and returns both paths."""
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    data = np.asarray(values, dtype=float)
+    columns = np.arange(data.shape[1]) if x is None else np.asarray(x, dtype=float)
+    figure, axis = plt.subplots(figsize=(7.2, 4.2), dpi=110)
+    positive = data[np.isfinite(data) & (data > 0)]
+    norm = LogNorm(positive.min(), positive.max()) if log_color and positive.size else None
+    mesh = axis.pcolormesh(columns, np.arange(data.shape[0]), data, shading="nearest", norm=norm, cmap="viridis")
+    figure.colorbar(mesh, ax=axis, label=colorbar)
+    axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    figure.tight_layout()
+    paths = []
+    for suffix in (".png", ".svg"):
+        target = Path(stem).with_suffix(suffix)
+        paths.append(write_atomically(target, lambda path, s=suffix: figure.savefig(path, format=s[1:])))
+    plt.close(figure)
+    return paths
