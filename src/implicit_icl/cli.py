@@ -201,6 +201,45 @@ def evaluate(
         console.print(f"report: {out / 'index.html'}")
 
 
+@app.command()
+def dynamics(
+    model: str | None = _MODEL,
+    context: str | None = _CONTEXT,
+    context_file: Path | None = _CONTEXT_FILE,
+    context_ids: str | None = _CONTEXT_IDS,
+    query: str | None = typer.Option(None, help="query text; the patches are for its last token"),
+    query_ids: str | None = _QUERY_IDS,
+    target: str | None = typer.Option(None, help="answer text whose first token is followed (mind its leading space)"),
+    target_id: int | None = typer.Option(None, help="the followed answer token's id, instead of --target"),
+    task: str | None = typer.Option(None, "--task", help="a built-in task: per-demonstration study with controls"),
+    task_file: Path | None = typer.Option(None, "--task-file", help="a JSON task file, instead of --task"),
+    shots: int = typer.Option(8, help="demonstrations per prompt (task mode)"),
+    n: int = typer.Option(1, "--n", help="prompts of the per-demonstration study (task mode)"),
+    seed: int = typer.Option(0, help="seed of the prompts, the untrained model and the bootstrap"),
+    dtype: str = _DTYPE,
+    arithmetic: str = typer.Option("float64", help="patch arithmetic: float32 or float64"),
+    finetune: bool = typer.Option(False, "--finetune", help="also compare with SGD fine-tuning (task mode; slower)"),
+    finetune_prompts: int = typer.Option(8, help="prompts of the fine-tuning comparison (at most --n)"),
+    step_size: float | None = typer.Option(None, help="SGD step size (default: chosen on separate prompts)"),
+    factorised: bool = typer.Option(False, "--factorised", help="also check the factorised form per layer"),
+    out: Path | None = typer.Option(None, help="folder for index.html, dynamics.json and the figures"),
+    as_json: bool = _JSON,
+) -> None:
+    """The exact patch of every prefix of a context from one pass: norms, increments, convergence, controls."""
+    from implicit_icl.hf.commands import RunOptions
+    from implicit_icl.studies.dynamics_report import DynamicsSettings, headline, run_dynamics
+
+    try:
+        options = RunOptions(model, dtype, context, context_file, context_ids, query, query_ids)
+        settings = DynamicsSettings(
+            shots, n, seed, arithmetic, finetune, finetune_prompts, step_size=step_size, factorised=factorised
+        )
+        result = run_dynamics(options, task, task_file, target, target_id, settings, out)
+    except ImplicitICLError as error:
+        fail(error)
+    emit(result if as_json else headline(result), as_json, f"{result['family']}: every prefix in one pass")
+
+
 def _print_changes(changes: list[dict]) -> None:
     table = Table(title="what the patch changes")
     for column in ("layer", "parameter", "kind", "norm"):
