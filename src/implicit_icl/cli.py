@@ -240,6 +240,48 @@ def dynamics(
     emit(result if as_json else headline(result), as_json, f"{result['family']}: every prefix in one pass")
 
 
+@app.command(name="compile")
+def compile_context(
+    model: str | None = _MODEL,
+    task: str | None = typer.Option(None, "--task", help="a built-in task: its demonstrations are the context"),
+    task_file: Path | None = typer.Option(None, "--task-file", help="a JSON task file, like --task"),
+    context: str | None = typer.Option(None, help="context text (with --calibration)"),
+    context_ids: str | None = _CONTEXT_IDS,
+    calibration: Path | None = typer.Option(None, help="JSON list of queries (text, ids or {query, answer})"),
+    shots: int = typer.Option(5, help="demonstrations in the context (task mode)"),
+    calibration_size: int = typer.Option(64, help="calibration queries the patch is fitted on"),
+    rank: int | None = typer.Option(None, help="truncate every matrix delta to this rank (default: full)"),
+    ridge: float | None = typer.Option(None, help="λ as a multiple of trace(ZZᵀ)/dim (default: chosen on dev)"),
+    tokens: str | None = typer.Option(None, help="fitted tokens: all, last or all+first (default: chosen on dev)"),
+    n: int = typer.Option(50, "--n", help="held-out queries"),
+    dev: int = typer.Option(16, help="dev queries (choose λ, tokens and the baselines' layers and heads)"),
+    seed: int = typer.Option(0, help="seed of the demonstrations and of the split"),
+    dtype: str = _DTYPE,
+    save: Path | None = typer.Option(None, help="save the compiled patch (safetensors + JSON) into this folder"),
+    peft: Path | None = typer.Option(None, help="write it as a PEFT LoRA adapter into this folder"),
+    merged: Path | None = typer.Option(None, help="write a merged checkpoint (save_pretrained) into this folder"),
+    out: Path | None = typer.Option(None, help="folder for index.html (with curves), metrics.json and figures"),
+    as_json: bool = _JSON,
+) -> None:
+    """Compile a context into one query-independent patch; compare it with ICL, task and function vectors."""
+    from implicit_icl.hf.commands import RunOptions
+    from implicit_icl.studies.compile import StudySettings
+    from implicit_icl.studies.compile_run import Source, compile_command
+
+    try:
+        RunOptions(model, dtype)  # checks --dtype before anything loads
+        settings = StudySettings(shots, calibration_size, dev, n, seed, seed, rank, ridge, tokens)
+        source = Source(task, task_file, context, context_ids, calibration)
+        result = compile_command(model, dtype, source, settings, save, peft, merged, out)
+    except ImplicitICLError as error:
+        fail(error)
+    if as_json:
+        emit(result, as_json, "")
+        return
+    shown = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    emit(shown, as_json, f"{result['task']}: compiled patch vs ICL, task and function vectors (held-out queries)")
+
+
 def _print_changes(changes: list[dict]) -> None:
     table = Table(title="what the patch changes")
     for column in ("layer", "parameter", "kind", "norm"):

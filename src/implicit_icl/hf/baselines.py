@@ -22,7 +22,7 @@ costs one token per prompt.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,7 +32,7 @@ from transformers import PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.capture import hidden_argument, hooked, record_context, with_hidden_argument
-from implicit_icl.hf.forward import ForwardInputs, StopForward, model_device, run_model
+from implicit_icl.hf.forward import ForwardInputs, model_device, run_model
 from implicit_icl.hf.queries import ContextPrefix, checked_queries
 from implicit_icl.hf.spec import layers_of, spec_for
 
@@ -206,23 +206,37 @@ def _head_shape(model: PreTrainedModel) -> tuple[int, int]:
 def mean_head_outputs(model: PreTrainedModel, context_ids: Tensor, queries: Sequence[Tensor]) -> Tensor:
     """ā: every head's output (its slice of the attention output matrix's input) at the last token, averaged
     over the prompts context + query: [L, H, head_dim]."""
-    projections = _attention_outputs(model)
-    n_heads, head_dim = _head_shape(model)
     queries = checked_queries(model, queries, "query")
     full = ForwardInputs.padded([torch.cat([context_ids, q]) for q in queries], side="left").to(model_device(model))
-    means: list[Tensor | None] = [None] * len(projections)
+    rows = torch.stack([torch.arange(len(queries)), torch.full((len(queries),), full.input_ids.shape[1] - 1)], -1)
+    with head_outputs_recorded(model, rows) as heads:
+        run_model(model, full)
+    return heads().mean(0)
+
+
+@contextmanager
+def head_outputs_recorded(model: PreTrainedModel, rows: Tensor) -> Iterator[Callable[[], Tensor]]:
+    """While the block runs a forward pass (e.g. a calibration recording), keep every head's output at rows
+    [N, 2] of (sequence, position); the yielded function returns them: [N, L, H, head_dim], float32."""
+    projections = _attention_outputs(model)
+    n_heads, head_dim = _head_shape(model)
+    outputs: list[Tensor | None] = [None] * len(projections)
 
     def record(index: int):
         def hook(module, args):
-            means[index] = args[0][:, -1].float().mean(0).reshape(n_heads, head_dim).cpu()
-            if index == len(projections) - 1:
-                raise StopForward
+            inputs = args[0]
+            picked = inputs[rows[:, 0].to(inputs.device), rows[:, 1].to(inputs.device)]
+            outputs[index] = picked.float().cpu().reshape(-1, n_heads, head_dim)
 
         return hook
 
+    def stacked() -> Tensor:
+        if any(output is None for output in outputs):
+            raise ImplicitICLError("no forward pass ran while head outputs were being recorded")
+        return torch.stack(outputs, 1)
+
     with hooked([p.register_forward_pre_hook(record(i)) for i, p in enumerate(projections)]):
-        run_model(model, full)
-    return torch.stack(means)
+        yield stacked
 
 
 @contextmanager

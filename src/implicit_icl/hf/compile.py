@@ -50,7 +50,14 @@ from implicit_icl.hf.queries import checked_queries, reduced_inputs
 from implicit_icl.hf.spec import FamilySpec, layers_of, layers_path, spec_for
 from implicit_icl.patch import Delta
 from implicit_icl.theory import LowRankUpdate
-from implicit_icl.theory.least_squares import best_rank_fit, relative_ridge, ridge_bias, ridge_update, truncated
+from implicit_icl.theory.least_squares import (
+    best_rank_fit,
+    relative_ridge,
+    ridge_bias,
+    ridge_solved,
+    ridge_update,
+    truncated,
+)
 
 TOKEN_CHOICES = ("all", "last", "all+first")
 OUTPUT_CHOICES = ("down", "bias", "none")
@@ -117,6 +124,11 @@ class Calibration:
 
     def __len__(self) -> int:
         return len(self.queries)
+
+    def last_token_inputs(self) -> Tensor:
+        """Every query's last token's state entering each layer (what a task vector reads): [L, K, d], float32."""
+        last = torch.tensor([q.numel() for q in self.queries]).cumsum(0) - 1  # rows are query after query
+        return torch.stack([state[last.to(state.device)].float().cpu() for state in self.states.layer_inputs])
 
 
 def _check_family(model: PreTrainedModel) -> FamilySpec:
@@ -274,6 +286,7 @@ class _LayerFit:
         self.inputs: dict[str, Tensor] = {}
         self.ridges: dict[str, float] = {}
         self.inner: Tensor | None = None
+        self.solved: tuple[Tensor, Tensor] | None = None  # (z, its ridge solve) of the input side
         self.last = False
 
     def register(self) -> list:
@@ -290,9 +303,11 @@ class _LayerFit:
     def _at_rows(self, tensor: Tensor) -> Tensor:
         return tensor[self.rows[:, 0], self.rows[:, 1]].double()
 
-    def _fit_matrix(self, name: str, differences: Tensor, inputs: Tensor) -> LowRankUpdate:
+    def _fit_matrix(
+        self, name: str, differences: Tensor, inputs: Tensor, solved: Tensor | None = None
+    ) -> LowRankUpdate:
         ridge = relative_ridge(inputs, self.settings.ridge)
-        delta = ridge_update(differences, inputs, ridge)
+        delta = ridge_update(differences, inputs, ridge, solved)
         if self.settings.rank is not None and self.settings.truncation == "chain":
             delta = _truncate(delta, inputs, ridge, self.settings)
         self.deltas[name], self.ridges[name] = delta, ridge
@@ -303,8 +318,13 @@ class _LayerFit:
     def _input_side(self, path: str):
         def hook(module, args, output):
             z = args[0]
+            inputs = self._at_rows(z)
+            if inputs.shape[0] <= inputs.shape[1] and (self.solved is None or self.solved[0] is not z):
+                # gate and up read the same z: the solve on the right factor is shared
+                self.solved = (z, ridge_solved(inputs, relative_ridge(inputs, self.settings.ridge)))
             differences = self.targets[path] - self._at_rows(output)  # W z_C − W z (a bias cancels)
-            delta = self._fit_matrix(f"{path}.weight", differences, self._at_rows(z))
+            solved = self.solved[1] if self.solved is not None and self.solved[0] is z else None
+            delta = self._fit_matrix(f"{path}.weight", differences, inputs, solved)
             return output + delta.apply(z)
 
         return hook

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -35,6 +36,21 @@ def checked_queries(model: PreTrainedModel, queries: Sequence, what: str = "quer
     return checked
 
 
+@contextmanager
+def last_position_head(model: PreTrainedModel) -> Iterator[None]:
+    """Inside the block, the output head reads only the last position ([B, T, d] -> [B, 1, d]): the logits
+    of earlier positions, which nothing here uses, would cost as much as a third of the pass."""
+    head = model.get_output_embeddings()
+    if head is None:  # an encoder without a head: nothing to save
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][:, -1:], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def reduced_inputs(queries: Sequence[Tensor], offset: int) -> ForwardInputs:
     """The queries alone, left-padded, query i at positions offset .. offset + len_i − 1: [B, S]."""
     positions = [offset + torch.arange(query.numel()) for query in queries]
@@ -49,7 +65,8 @@ def reduced_logits(model: PreTrainedModel, queries: Sequence[Tensor], offset: in
     rows = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
-        rows.append(run_model(model, reduced_inputs(chunk, offset).to(device))[:, -1].float().cpu())
+        with last_position_head(model):
+            rows.append(run_model(model, reduced_inputs(chunk, offset).to(device))[:, -1].float().cpu())
     return torch.cat(rows)
 
 
@@ -96,9 +113,10 @@ class ContextPrefix:
         self.last_positions = last_positions.repeat_interleave(repeats)[:, None]
 
     def _run(self, input_ids: Tensor, position_ids: Tensor, mask: Tensor):
-        out = self.model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=self.cache, use_cache=True
-        )
+        with last_position_head(self.model):
+            out = self.model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=mask, cache=self.cache, use_cache=True
+            )
         return out.cache
 
     @torch.no_grad()

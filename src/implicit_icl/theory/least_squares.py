@@ -8,7 +8,8 @@ context-ful versions would cause:
 with the columns z_t, d_t stacked as Z [in, T], D [out, T]. Here the T tokens come as rows, the way
 activations do: `inputs` [T, in] = Z^T and `differences` [T, out] = D^T. The solution stays factored:
 
-- T ≤ in (fewer tokens than dimensions): U = D (Z^T Z + λ I_T)^{-1} [out, T], V = Z [in, T] — a T × T solve;
+- T ≤ in (fewer tokens than dimensions): U = D (Z^T Z + λ I_T)^{-1} [out, T], V = Z [in, T] — a T × T solve
+  (or U = D, V = Z (Z^T Z + λ I_T)^{-1}, whichever side is smaller);
 - T > in: U = D Z^T (Z Z^T + λ I_in)^{-1} [out, in], V = I_in — an in × in solve.
 
 At λ = 0 a singular Gram matrix (repeated tokens) gives the minimum-norm solution D Z^+ (pseudo-inverse).
@@ -64,15 +65,27 @@ def _solve_psd(gram: Tensor, ridge: float, right: Tensor) -> Tensor:
     return torch.linalg.pinv(gram, hermitian=True) @ right
 
 
-def ridge_update(differences: Tensor, inputs: Tensor, ridge: float) -> LowRankUpdate:
+def ridge_solved(inputs: Tensor, ridge: float) -> Tensor:
+    """(Z^T Z + λ I_T)^{-1} Z^T as rows: [T, in], float64 — the right factor's solve, shareable by every matrix
+    fitted on the same inputs (e.g. a gated MLP's gate and up)."""
+    Z = inputs.double()
+    return _solve_psd(Z @ Z.T, ridge, Z)
+
+
+def ridge_update(differences: Tensor, inputs: Tensor, ridge: float, solved: Tensor | None = None) -> LowRankUpdate:
     """ΔW* minimising Σ_t ||ΔW z_t − d_t||² + λ ||ΔW||_F², factored (see the module docstring).
 
     differences: [T, out] (rows d_t); inputs: [T, in] (rows z_t); ridge: λ ≥ 0 (absolute; see
-    `relative_ridge`). Computed in float64; returns U [out, k], V [in, k] in the inputs' dtype, k = min(T, in)."""
+    `relative_ridge`); solved: `ridge_solved(inputs, ridge)` if already computed. Computed in float64;
+    returns U [out, k], V [in, k] in the inputs' dtype, k = min(T, in). With T ≤ in the T × T solve is applied
+    to the smaller side: U = D (Z^T Z + λ I)^{-1}, V = Z when out ≤ in, else U = D, V = Z (Z^T Z + λ I)^{-1}."""
     _check_tokens(differences, inputs, ridge)
     dtype = inputs.dtype
     D, Z = differences.double().T, inputs.double().T  # [out, T], [in, T]
-    n_tokens, n_in = Z.shape[1], Z.shape[0]
+    (n_in, n_tokens), n_out = Z.shape, D.shape[0]
+    if n_tokens <= n_in and n_out > n_in:
+        right = ridge_solved(inputs, ridge) if solved is None else solved.double()
+        return LowRankUpdate(D.to(dtype), right.T.to(dtype))
     if n_tokens <= n_in:
         U = _solve_psd(Z.T @ Z, ridge, D.T).T  # D (Z^T Z + λ I)^{-1}, the Gram matrix is symmetric
         return LowRankUpdate(U.to(dtype), Z.to(dtype))
