@@ -248,6 +248,7 @@ def write_demo_report(out: Path, result: dict) -> Path:
         "model gives after the whole prompt. Everything below was computed in this run "
         f"({result['seconds']:.0f} s; patch arithmetic {result['patch_arithmetic']}, model float32)."
     )
+    page.heading("The prompt")
     page.preformatted(result["prompt"])
     page.paragraph(
         f"Patched without the context vs with it, at the last query token: max |logit difference| "
@@ -255,6 +256,7 @@ def write_demo_report(out: Path, result: dict) -> Path:
         f"logits; without the patch the query alone differs by {result['baseline_max_abs_logit_diff']:.2f}."
     )
     top = result["top_tokens"]
+    page.heading("The next token, three ways")
     page.table(
         ["rank", *SIDES.values()],
         [
@@ -265,6 +267,7 @@ def write_demo_report(out: Path, result: dict) -> Path:
         + verdict(result)
         + " (The query alone starts at position 0; RoPE makes its own attention independent of that offset.)",
     )
+    page.heading("What the patch changes, layer by layer")
     page.figure("patch_norms.png", "Frobenius norm of each layer's ΔW on the MLP matrices (from the rank-1 factors).")
     page.figure(
         "layer_differences.png",
@@ -273,19 +276,21 @@ def write_demo_report(out: Path, result: dict) -> Path:
     )
     page.table(header, rows, "Per layer: ‖ΔW‖ of each changed matrix and the largest difference of its output.")
     generation = result["generation"]
+    page.heading("Greedy generation")
     page.table(
         ["", "greedy continuation"],
         [[label, repr(generation[side])] for side, label in SIDES.items()],
         f"Greedy generation of the next tokens; the patched side feeds each new token alone under its own exact "
         f"patch. Agreement with the context: {generation['agreement']:.2f} of the tokens.",
     )
+    page.heading("A short evaluation")
     page.table(
         ["task", "zero-shot", "ICL", "patched", "patched = ICL top-1", "max |Δlogit|"],
         [
             [
                 t["task"],
                 *(f"{t[f'{s}_accuracy']:.2f}" for s in ("zero_shot", "icl", "patched")),
-                t["patched_agreement"],
+                f"{t['patched_agreement']:.3f}",
                 t["max_abs_logit_diff"],
             ]
             for t in evaluation["tasks"]

@@ -167,7 +167,8 @@ def write_evaluation_report(out: Path, result: dict) -> Path:
         )
         for label, side in (("zero-shot", "zero_shot"), ("ICL", "icl"), ("patched, no context", "patched"))
     ]
-    plot_bars(out / "accuracy", [t["task"] for t in tasks], series, "first-token accuracy", "accuracy per task")
+    title = f"accuracy per task ({result['n']} prompts, {result['shots']} shots, seed {result['seed']})"
+    plot_bars(out / "accuracy", [t["task"] for t in tasks], series, "first-token accuracy", title)
     summary = result["summary"]
     page = Page(f"implicit-icl evaluate: {result['model']}")
     page.paragraph(
