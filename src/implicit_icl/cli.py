@@ -64,7 +64,8 @@ def demo(
             fail(error)
         emit(summary, as_json, f"toy in-context regression: prompt vs W + ΔW on the query alone — {out / 'index.html'}")
         return
-    from implicit_icl.studies.demo import DemoSettings, headline, print_demo, run_demo
+    from implicit_icl.studies.demo import DemoSettings, headline, run_demo
+    from implicit_icl.studies.demo_report import print_demo
 
     try:
         settings = DemoSettings(eval_prompts=eval_prompts, new_tokens=new_tokens)
