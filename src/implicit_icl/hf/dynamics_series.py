@@ -89,7 +89,8 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
         norms = squared.sqrt()
         # A layer whose MLP input does not see the context (a parallel block's first layer) has a zero patch,
         # up to rounding of size ~eps ||W||: the direction of that rounding is no alignment.
-        noise = ROUNDING_FACTOR * torch.finfo(dtype).eps * sum(matrix(model, name).norm() ** 2 for name in names).sqrt()
+        weights = {name: matrix(model, name, dtype=None) for name in names}
+        noise = ROUNDING_FACTOR * torch.finfo(dtype).eps * sum(w.norm().double() ** 2 for w in weights.values()).sqrt()
         product = torch.where(norms > noise, norms, torch.nan) * norms[-1]
         final_inner = sum(_inner_with_last(delta) for delta in inputs)
         rows["update_norms"].append(norms)
@@ -99,7 +100,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
         reference = _references(inputs[0])
         rows["learning_rates"].append(reference.pow(2).sum(-1).reciprocal())
         rows["reference_spread"].append(((reference - reference[:1]).norm(dim=-1) / reference[0].norm()).max())
-        step, remainder = _gradient_split(model, spec, layer, names, inputs)
+        step, remainder = _gradient_split(spec, weights, inputs)
         rows["gradient_step_norms"].append(step)
         rows["remainder_norms"].append(remainder)
     return LayerSeries(**{key: torch.stack(values) for key, values in rows.items()})
@@ -119,20 +120,27 @@ def _per_entry(values: Tensor) -> Tensor:
     return values.reshape(values.shape[0], -1).sum(-1)
 
 
+def _inner(a: LowRankUpdate, b: LowRankUpdate) -> Tensor:
+    """<A, B>_F from the factors; rank-1 pairs as two dot products (a batched matmul of width 1 is slower)."""
+    if a.rank == b.rank == 1:
+        return (a.U * b.U).sum((-2, -1)) * (a.V * b.V).sum((-2, -1))
+    return a.inner(b)
+
+
 def _squared_norms(delta: Delta) -> Tensor:
     if isinstance(delta, LowRankUpdate):
-        return _per_entry(delta.inner(delta))
+        return _per_entry(_inner(delta, delta))
     return _per_entry(delta.pow(2))
 
 
 def _inner_with_last(delta: LowRankUpdate) -> Tensor:
     last = LowRankUpdate(delta.U[-1:].expand_as(delta.U), delta.V[-1:].expand_as(delta.V))
-    return _per_entry(delta.inner(last))
+    return _per_entry(_inner(delta, last))
 
 
 def _squared_step_norms(delta: LowRankUpdate) -> Tensor:
     differences = consecutive_differences(_entries_last(delta))  # [E..., P−1]
-    squared = differences.inner(differences).clamp_min(0)
+    squared = _inner(differences, differences).clamp_min(0)
     return _per_entry(squared.movedim(-1, 0))
 
 
@@ -143,24 +151,26 @@ def _references(delta: LowRankUpdate) -> Tensor:
     return v / v.pow(2).sum(-1, keepdim=True)
 
 
-def _gradient_split(model, spec: FamilySpec, layer: int, names: list[str], inputs: list[LowRankUpdate]):
+def _gradient_split(spec: FamilySpec, weights: dict[str, Tensor], inputs: list[LowRankUpdate]):
     """||step_j|| and ||remainder_j|| [P−1] of the layer's stacked input side (NaN for experts)."""
     if spec.experts is not None:
         nan = torch.full((inputs[0].batch_shape[0] - 1,), torch.nan, dtype=F64)
         return nan, nan
     steps, remainders = 0, 0
-    for name, delta in zip(names, inputs, strict=True):
-        split = gradient_steps(matrix(model, name), delta)
-        steps = steps + split.step.inner(split.step)
-        remainders = remainders + split.remainder.inner(split.remainder)
+    for weight, delta in zip(weights.values(), inputs, strict=True):
+        split = gradient_steps(weight, delta)
+        steps = steps + _inner(split.step, split.step)
+        remainders = remainders + _inner(split.remainder, split.remainder)
     return steps.clamp_min(0).sqrt(), remainders.clamp_min(0).sqrt()
 
 
-def matrix(model: PreTrainedModel, name: str) -> Tensor:
-    """The parameter `name` as float64 [out, in] (GPT-2's Conv1D stores it transposed; fused experts [E, out, in])."""
+def matrix(model: PreTrainedModel, name: str, dtype: torch.dtype | None = F64) -> Tensor:
+    """The parameter `name` as [out, in] (GPT-2's Conv1D stores it transposed; fused experts [E, out, in]), in
+    `dtype` (None: as stored)."""
     module, attribute = owner(model, name)
     with onloaded(module):
-        weight = getattr(module, attribute).detach().to(F64)
+        weight = getattr(module, attribute).detach()
+    weight = weight if dtype is None else weight.to(dtype)
     return weight.T if isinstance(module, Conv1D) else weight
 
 

@@ -160,7 +160,8 @@ def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
     u, v = updates.U[..., 0], updates.V[..., 0]
     learning_rates = safe_squared_norm("a right factor v_j", v)  # ||v_j||² = 1/||a_j||²
     reference = v / learning_rates.unsqueeze(-1)
-    moved = (reference[..., :-1, :] - reference[..., 1:, :]) @ weight.to(v).T  # W_0 (a_j − a_{j+1})
+    # W_0 (a_j − a_{j+1}), the product in W's own dtype (a float32 model's matrix need not be copied to float64)
+    moved = ((reference[..., :-1, :] - reference[..., 1:, :]).to(weight.dtype) @ weight.T).to(v.dtype)
     step = LowRankUpdate.rank_one(u[..., 1:, :] - u[..., :-1, :] - moved, v[..., 1:, :])
     remainder = LowRankUpdate(
         torch.stack([moved, u[..., :-1, :]], -1), torch.stack([v[..., 1:, :], v[..., 1:, :] - v[..., :-1, :]], -1)
