@@ -17,6 +17,7 @@ __all__ = [
     "compute_patches",
     "every_position_patches",
     "patched_generate",
+    "prefix_patches",
     "rank_one_update",
 ]
 __version__ = "0.2.0"
@@ -28,6 +29,7 @@ _LAZY = {
     "compute_patches": "implicit_icl.hf",
     "every_position_patches": "implicit_icl.hf",
     "patched_generate": "implicit_icl.hf",
+    "prefix_patches": "implicit_icl.hf",
 }
 
 

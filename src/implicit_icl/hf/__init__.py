@@ -2,6 +2,7 @@
 
 from implicit_icl.hf.apply import Patch
 from implicit_icl.hf.construct import compute_patch, compute_patches, every_position_patches
+from implicit_icl.hf.dynamics import Trajectory, prefix_patches
 from implicit_icl.hf.generate import Generation, patched_generate
 from implicit_icl.hf.spec import SPECS, FamilySpec, spec_for
 from implicit_icl.hf.verify import Verification, verify_every_position, verify_patch
@@ -11,11 +12,13 @@ __all__ = [
     "FamilySpec",
     "Generation",
     "Patch",
+    "Trajectory",
     "Verification",
     "compute_patch",
     "compute_patches",
     "every_position_patches",
     "patched_generate",
+    "prefix_patches",
     "spec_for",
     "verify_every_position",
     "verify_patch",

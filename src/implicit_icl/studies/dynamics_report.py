@@ -63,7 +63,7 @@ class DynamicsSettings:
     finetune_prompts: int = 8  # at most n of the study's prompts
     held_out: int = 4  # held-out queries per prompt
     step_size: float | None = None  # None: chosen by the rule on separate prompts
-    step_size_prompts: int = 1
+    step_size_prompts: int = 2
     step_sizes: tuple[float, ...] = STEP_SIZES
     finetune_layers: tuple[int, ...] | None = None  # None: every layer
     factorised: bool = False
