@@ -42,7 +42,7 @@ from implicit_icl.tasks.sampling import Prompt
 from implicit_icl.theory import LowRankUpdate
 
 # The compiled patch's default settings, fixed before the comparison from a pilot on two tasks left out of it
-# (copy, capitalize; see the report), and the grid searched on dev queries for its best settings.
+# (copy, capitalize, last_item, adjective_comparative; see the report), and the grid searched on dev queries for its best settings.
 DEFAULT = CompileSettings(ridge=10.0, tokens="all")
 SEARCH_RIDGES = (1.0, 10.0, 100.0)
 SEARCH_TOKENS = ("all", "last")
@@ -63,8 +63,10 @@ class StudySettings:
     task, see `split_task`); context, seed: choose the demonstrations, and the rest of the split.
     rank: when set, every compiled patch searched is truncated to it (the CLI's --rank); search: choose the
     compiled patch's settings on dev (else `compiled` is the default settings); ridge/tokens: fix those;
-    search_ranks: ranks tried on dev when `rank` is None (None: full); ablations: also fit the input side
-    alone and the output side alone."""
+    search_ranks / search_ridges / search_tokens: the grid tried on dev (ranks when `rank` is None, None: full);
+    ablations: also fit the input side alone and the output side alone; baselines: run the task vectors,
+    the function vector and the exact patches (off: the compiled patches only, for a pilot); head_layers: the
+    layers whose heads' indirect effects are measured for the function vector (None: every layer)."""
 
     shots: int = 5
     calibration: int = 64
@@ -77,7 +79,11 @@ class StudySettings:
     tokens: str | None = None
     search: bool = True
     search_ranks: tuple[int | None, ...] = (None,)
+    search_ridges: tuple[float, ...] = SEARCH_RIDGES
+    search_tokens: tuple[str, ...] = SEARCH_TOKENS
     ablations: bool = False
+    baselines: bool = True
+    head_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("shots", "calibration", "dev", "n"):
@@ -87,8 +93,8 @@ class StudySettings:
 
     def candidates(self) -> list[CompileSettings]:
         """The compiled patches tried on dev (the default first)."""
-        ridges = SEARCH_RIDGES if self.ridge is None else (self.ridge,)
-        tokens = SEARCH_TOKENS if self.tokens is None else (self.tokens,)
+        ridges = self.search_ridges if self.ridge is None else (self.ridge,)
+        tokens = self.search_tokens if self.tokens is None else (self.tokens,)
         ranks = self.search_ranks if self.rank is None else (self.rank,)
         default = replace(DEFAULT, ridge=ridges[0] if self.ridge is not None else DEFAULT.ridge, rank=self.rank)
         if self.tokens is not None:
@@ -314,11 +320,13 @@ def run_split(
         result.seconds += record_seconds
     methods.update(compiled)
 
-    dev = DevQueries(tuple(encoded.dev), answers_all[:n_dev], offset)
-    methods.update(_vector_methods(model, calibration, heads, encoded, dev, scorer, record_seconds, choices, step))
-
-    step("exact per-query patches")
-    methods["exact_patch"] = _exact(model, encoded, scorer)
+    if settings.baselines:
+        dev = DevQueries(tuple(encoded.dev), answers_all[:n_dev], offset)
+        methods.update(
+            _vector_methods(model, calibration, heads, encoded, dev, scorer, record_seconds, choices, step, settings)
+        )
+        step("exact per-query patches")
+        methods["exact_patch"] = _exact(model, encoded, scorer)
     result = {}
     if curves is not None:
         best = CompileSettings(**choices["compiled_settings"])
@@ -365,6 +373,21 @@ def _curves(model, calibration: Calibration, heldout, offset, scorer, best, curv
                 dict(full, x=full_rank)
             ]
     return result
+
+
+def _search_row(item) -> dict:
+    """One searched setting: what it scored on dev (which chose) and on held-out (reported, never used to choose)."""
+    setting, subset, on_dev, on_heldout, seconds = item
+    row = dict(settings=setting.label, calibration_queries=on_heldout.details["calibration_queries"], seconds=seconds)
+    for split, result in (("dev", on_dev), ("heldout", on_heldout)):
+        row.update(
+            {
+                f"{split}_accuracy": float(result.correct.double().mean()),
+                f"{split}_top1_agreement": float(result.agree.double().mean()),
+                f"{split}_kl_to_icl": float(result.kl.mean()),
+            }
+        )
+    return row
 
 
 def _selection_key(result: MethodResult) -> tuple[float, float, float]:
@@ -416,6 +439,7 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
         compiled=best[3].details["settings"],
         compiled_calibration_queries=best[3].details["calibration_queries"],
         compiled_settings=asdict(best[0]),
+        search=[_search_row(item) for item in tried],
     )
     bias_tried = []
     for setting in BIAS_SEARCH:
@@ -437,7 +461,7 @@ def replace_seconds(result: MethodResult, seconds: float) -> MethodResult:
     )
 
 
-def _vector_methods(model, calibration, heads, encoded: Encoded, dev, scorer, record_seconds, choices, step):
+def _vector_methods(model, calibration, heads, encoded: Encoded, dev, scorer, record_seconds, choices, step, settings):
     """Task vectors (one dummy query, as in the paper, and the mean over all calibration queries) and the
     function vector (when a shuffled-label context exists)."""
     methods = {}
@@ -456,7 +480,7 @@ def _vector_methods(model, calibration, heads, encoded: Encoded, dev, scorer, re
     step("function vector: indirect effects of every head")
     start = time.perf_counter()
     means = heads().mean(0)
-    effects = indirect_effects(model, means, encoded.shuffled_context_ids, dev)
+    effects = indirect_effects(model, means, encoded.shuffled_context_ids, dev, settings.head_layers)
     vector = function_vector(model, means, effects, dev, FUNCTION_VECTOR_HEADS)
     with vector.applied(model):
         logits = reduced_logits(model, encoded.heldout, dev.offset)
