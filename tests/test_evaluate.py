@@ -236,3 +236,7 @@ def test_the_command_reports_the_contract_keys_and_a_task_file(default_model, mo
     assert saved["tasks"][0]["icl_accuracy"] == report["tasks"][0]["icl_accuracy"]
     page = (tmp_path / "report" / "index.html").read_text()
     assert "accuracy.png" in page and "numbers" in page and (tmp_path / "report" / "accuracy.png").exists()
+    table = (tmp_path / "report" / "table.md").read_text().splitlines()
+    assert table[2].startswith("| task | kind | zero-shot | ICL | patched |") and table[5].startswith(
+        "| numbers | user |"
+    )

@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from implicit_icl.atomic import write_atomically
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.report import write_json
@@ -154,9 +155,18 @@ def settings_line(result: dict) -> str:
     )
 
 
+def markdown_table(result: dict) -> str:
+    """The table of tasks in Markdown (for a README or a model card), headed by the settings."""
+    header, rows = task_rows(result)
+    lines = [f"{settings_line(result)}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_evaluation_report(out: Path, result: dict) -> Path:
-    """out/metrics.json, out/accuracy.png|svg and out/index.html."""
+    """out/metrics.json, out/table.md, out/accuracy.png|svg and out/index.html."""
     write_json(out / "metrics.json", result)
+    write_atomically(out / "table.md", lambda temporary: temporary.write_text(markdown_table(result)))
     tasks = result["tasks"]
     series = [
         Bars(
