@@ -119,7 +119,7 @@ def task_rows(result: dict) -> tuple[list[str], list[list[object]]]:
     header = ["task", "kind", "zero-shot", "ICL", "patched", "patched = ICL top-1", "max |Δlogit|"]
     whole = result["whole_answers"]
     if whole:
-        header += ["whole answer: zero-shot", "ICL", "patched"]
+        header += ["whole answer: zero-shot", "whole: ICL", "whole: patched"]
     rows = []
     for metrics in result["tasks"]:
         row = [metrics["task"], metrics["kind"]]
