@@ -13,6 +13,7 @@ __all__ = [
     "ImplicitUpdate",
     "LowRankUpdate",
     "Patch",
+    "compile_patch",
     "compute_patch",
     "compute_patches",
     "every_position_patches",
@@ -25,6 +26,7 @@ __version__ = "0.2.0"
 # The Hugging Face engine imports transformers, which takes seconds: load it on first use only.
 _LAZY = {
     "Patch": "implicit_icl.hf",
+    "compile_patch": "implicit_icl.hf",
     "compute_patch": "implicit_icl.hf",
     "compute_patches": "implicit_icl.hf",
     "every_position_patches": "implicit_icl.hf",

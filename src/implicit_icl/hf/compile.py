@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -166,14 +166,21 @@ def compile_patch(
     model: PreTrainedModel,
     context_ids,
     queries: Sequence,
-    settings: CompileSettings = CompileSettings(),
+    settings: CompileSettings | None = None,
     dtype: torch.dtype = torch.float32,
+    **changes,
 ) -> Patch:
     """The query-independent patch of `context_ids`, fitted on the calibration `queries` (token ids each).
 
-    Apply it with `patch.applied(model)` and feed a query alone at the positions it would have after the
-    context (context length + 0, 1, ...; `patch.notes["position_offset"]`; with rotary embeddings any offset
-    gives the same result). dtype: of the stored deltas (the fits run in float64)."""
+    settings: a `CompileSettings` (default: `CompileSettings()`); keyword arguments change single fields,
+    e.g. `compile_patch(model, context, queries, rank=8, ridge=10.0)`. Apply the patch with
+    `patch.applied(model)` and feed a query alone at the positions it would have after the context (context
+    length + 0, 1, ...; `patch.notes["position_offset"]`; with rotary embeddings any offset gives the same
+    result). dtype: of the stored deltas (the fits run in float64)."""
+    try:
+        settings = replace(settings or CompileSettings(), **changes)
+    except TypeError as error:
+        raise ImplicitICLError(f"unknown compile setting: {error}; see CompileSettings") from None
     return fit_patch(model, record_calibration(model, context_ids, queries), settings, dtype)
 
 

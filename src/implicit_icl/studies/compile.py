@@ -41,8 +41,9 @@ from implicit_icl.tasks.encoding import token_ids
 from implicit_icl.tasks.sampling import Prompt
 from implicit_icl.theory import LowRankUpdate
 
-# The compiled patch's default settings, fixed before the comparison from a pilot on two tasks left out of it
-# (copy, capitalize, last_item, adjective_comparative; see the report), and the grid searched on dev queries for its best settings.
+# The compiled patch's default settings, fixed before the comparison from a pilot on four tasks left out of it
+# (copy, capitalize, last_item, adjective_comparative: scripts/compile_study.py pilot), and the grid searched on
+# dev queries for its best settings.
 DEFAULT = CompileSettings(ridge=10.0, tokens="all")
 SEARCH_RIDGES = (1.0, 10.0, 100.0)
 SEARCH_TOKENS = ("all", "last")
