@@ -31,6 +31,7 @@ from implicit_icl.studies.dynamics_finetune import (
     held_out_examples,
     icl_heldout,
     online_sgd,
+    trained_matrices,
 )
 from implicit_icl.tasks import Example, Prompt, encode, sample_prompts, task
 
@@ -113,10 +114,12 @@ def test_untrained_model_shares_the_architecture_not_the_weights():
     assert any(not torch.equal(p, weights[n]) for n, p in first.named_parameters() if p.dim() == 2)
 
 
-def test_factored_sgd_is_the_dense_gradient_step_and_leaves_the_weights_alone():
-    """One step of FactoredSGD equals W − η ∇_W L computed densely by autograd on a copy of the model."""
-    model = tiny_model("llama", seed=1)  # float64: the factors are kept in float64
-    names = ["model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_factored_sgd_is_the_dense_gradient_step_and_leaves_the_weights_alone(family):
+    """One step of FactoredSGD equals W − η ∇_W L computed densely by autograd on a copy of the model (GPT-2's
+    Conv1D stores W transposed: the factors stay in nn.Linear orientation)."""
+    model = tiny_model(family, seed=1)  # float64: the factors are kept in float64
+    names = [trained_matrices(model, [0])[0], trained_matrices(model, [1])[-1]]  # e.g. layer 0's gate, 1's up
     before = {n: p.clone() for n, p in model.named_parameters()}
     ids = [torch.tensor([3, 5, 7, 9]), torch.tensor([11, 13])]
     targets = torch.tensor([4, 8])
@@ -134,12 +137,14 @@ def test_factored_sgd_is_the_dense_gradient_step_and_leaves_the_weights_alone():
         row_loss = torch.nn.functional.cross_entropy(last_position_logits(reference, one), targets[row : row + 1])
         gradients = torch.autograd.grad(row_loss, weights)
         for name, gradient in zip(names, gradients, strict=True):
+            gradient = gradient.T if family == "gpt2" else gradient
             torch.testing.assert_close(sgd.delta(name)[row].dense(), -step_sizes[row] * gradient, rtol=1e-9, atol=1e-12)
     # the fine-tuned model is W + D through the hooks: the same logits as the weights stepped densely
     stepped = copy.deepcopy(model)
     with torch.no_grad():
         for name in names:
-            stepped.get_parameter(name).add_(sgd.delta(name)[0].dense())
+            dense = sgd.delta(name)[0].dense()
+            stepped.get_parameter(name).add_(dense.T if family == "gpt2" else dense)
         with sgd.applied(group=1):
             hooked = last_position_logits(model, ForwardInputs.padded([ids[0], ids[0]]))[0]
         torch.testing.assert_close(hooked, last_position_logits(stepped, ForwardInputs.padded([ids[0]]))[0])

@@ -24,7 +24,7 @@ from implicit_icl.hf.dynamics_series import (
     layer_series,
     matrix,
 )
-from implicit_icl.hf.zoo import VOCAB_SIZE, _draw_weights, tiny_config, tiny_model
+from implicit_icl.hf.zoo import VOCAB_SIZE, ZOO_CASES, _draw_weights, tiny_config, tiny_model
 from implicit_icl.theory import LowRankUpdate
 
 DECODERS = sorted(family for family, spec in SPECS.items() if not spec.encoder)
@@ -76,10 +76,10 @@ def _assert_equals_the_loop(model, trajectory, context, query, tolerance, skip_o
     assert trajectory.max_abs_logit_diff <= tolerance
 
 
-@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize(("family", "variant"), [case for case in ZOO_CASES if case[0] in DECODERS])
 @pytest.mark.parametrize("query_length", [1, 3])
-def test_one_pass_equals_the_loop_in_float64(family, query_length):
-    model = tiny_model(family, seed=1)
+def test_one_pass_equals_the_loop_in_float64(family, variant, query_length):
+    model = tiny_model(family, seed=1, variant=variant)
     context, query = _ids(14, query_length, seed=len(family))
     with float64_softmax():
         trajectory = prefix_patches(model, context, query)

@@ -65,9 +65,11 @@ def plot_heatmap(
     x: list[float] | None = None,
     log_color: bool = True,
     colorbar: str = "",
+    marks: list[float] | None = None,
 ) -> list[Path]:
     """values [rows, columns] as an image (row 0 at the bottom), x the column coordinates (default 0..); a
-    logarithmic colour scale unless log_color=False; writes stem.png and stem.svg and returns both paths."""
+    logarithmic colour scale unless log_color=False; marks: x positions drawn as thin vertical lines; writes
+    stem.png and stem.svg and returns both paths."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
@@ -78,6 +80,8 @@ def plot_heatmap(
     norm = LogNorm(positive.min(), positive.max()) if log_color and positive.size else None
     mesh = axis.pcolormesh(columns, np.arange(data.shape[0]), data, shading="nearest", norm=norm, cmap="viridis")
     figure.colorbar(mesh, ax=axis, label=colorbar)
+    for mark in marks or []:
+        axis.axvline(mark, color="white", linewidth=0.8, linestyle="--", alpha=0.8)
     axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
     figure.tight_layout()
     paths = []

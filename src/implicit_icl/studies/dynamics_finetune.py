@@ -29,8 +29,10 @@ from rich.console import Console
 from rich.progress import track
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.apply import parameter_shape
 from implicit_icl.hf.capture import hidden_argument, hooked, with_hidden_argument
 from implicit_icl.hf.dynamics import last_position_logits, prefix_logits
 from implicit_icl.hf.forward import ForwardInputs, model_device
@@ -73,9 +75,9 @@ class FactoredSGD:
         self.V: dict[str, Tensor] = {}
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            if not isinstance(module, nn.Linear):
-                raise ImplicitICLError(f"{name} is not an nn.Linear weight; fine-tuning hooks need one")
-            out, inp = module.weight.shape
+            if not isinstance(module, nn.Linear | Conv1D):
+                raise ImplicitICLError(f"{name} is not a linear layer's weight; fine-tuning hooks need one")
+            out, inp = parameter_shape(model, name)  # nn.Linear orientation, also for GPT-2's Conv1D
             self.modules[name] = module
             self.U[name] = module.weight.new_zeros(rows, out, 0, dtype=self.dtype)
             self.V[name] = module.weight.new_zeros(rows, inp, 0, dtype=self.dtype)

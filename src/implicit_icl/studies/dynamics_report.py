@@ -33,6 +33,7 @@ from implicit_icl.hf.dynamics_series import (
 from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.report import Curve, ReportFigure, plot_curves, plot_heatmap, write_json, write_report
 from implicit_icl.studies.dynamics import (
+    demonstration_boundaries,
     estimate,
     run_conditions,
     summarize,
@@ -195,7 +196,8 @@ def _task_mode(loaded: LoadedModel, chosen: Task, settings: DynamicsSettings, ou
     result["shots"] = settings.shots
     result["n"] = settings.n
     result["seed"] = settings.seed
-    result["first_prompt"] = dict(text=prompts[0].text, answer=prompts[0].answer_text)
+    boundaries = demonstration_boundaries(tokenizer, prompts[0])
+    result["first_prompt"] = dict(text=prompts[0].text, answer=prompts[0].answer_text, boundaries=boundaries)
     result["per_demonstration"] = summarize(conditions, settings.seed)
     if settings.finetune:
         result["finetune"] = finetune_comparison(loaded, untrained, chosen, prompts, shuffled, conditions, settings)
@@ -332,11 +334,12 @@ def _heatmap(out: Path, result: dict) -> ReportFigure:
         "||ΔW_{i+1} − ΔW_i||_F, MLP input side",
         x=result["prefix_lengths"][1:],
         colorbar="increment norm",
+        marks=[b + 0.5 for b in result.get("first_prompt", {}).get("boundaries", [])[1:-1]],
     )
     return ReportFigure(
         "increments_heatmap.png",
         "Increment norms per layer (rows) and prefix length (columns) of one context, every token prefix, from "
-        "one pass; log colour scale.",
+        "one pass; log colour scale; dashed lines: demonstration boundaries (task mode).",
     )
 
 
