@@ -1,0 +1,63 @@
+"""Compiled patches: the chained fit and the shared-context evaluation against plain forward passes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from implicit_icl.hf.compile import CompileSettings, fit_patch, record_calibration
+from implicit_icl.hf.forward import ForwardInputs, run_model
+from implicit_icl.hf.queries import context_logits
+
+LAYERS, WIDTH, VOCAB, CONTEXT, QUERIES = 8, 512, 32_000, 50, 64
+
+
+def _model():
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=WIDTH,
+        intermediate_size=1376,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def run(repeats: int = 3) -> list[tuple[str, float, str]]:
+    model = _model()
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(0, VOCAB, (CONTEXT,), generator=generator)
+    queries = [torch.randint(0, VOCAB, (int(n),), generator=generator) for n in torch.randint(4, 8, (QUERIES,))]
+    full = ForwardInputs.padded([torch.cat([context, q]) for q in queries], side="right")
+
+    def forward():
+        with torch.no_grad():
+            run_model(model, full)
+
+    calibration = record_calibration(model, context, queries)
+    fit = lambda: fit_patch(model, calibration, CompileSettings(ridge=10.0))  # noqa: E731
+    record = lambda: record_calibration(model, context, queries)  # noqa: E731
+    cached = lambda: context_logits(model, context, queries)  # noqa: E731
+    forward(), fit(), cached()  # warm-up
+    rows = []
+    setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, vocab {VOCAB}, context {CONTEXT}, {QUERIES} queries of 4–7"
+    for what, function in (
+        ("recording the calibration queries / one padded context-ful forward", record),
+        ("chained ridge fit (all tokens, full rank) / one padded context-ful forward", fit),
+        ("ICL logits through a shared context cache / one padded context-ful forward", cached),
+    ):
+        ratios = [_seconds(function) / _seconds(forward) for _ in range(repeats)]
+        rows.append((what, statistics.median(ratios), setting))
+    return rows
