@@ -9,6 +9,7 @@ where ICL beats zero-shot by at least `MIN_GAIN`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,25 +182,24 @@ def curve_points(points: Sequence[dict], key: str, seed: int = 0) -> tuple[list[
     return means, lows, highs
 
 
-def plot_run_curves(out: Path, name: str, curves: dict, references: dict[str, float]) -> list[str]:
-    """Figures of accuracy and top-1 agreement over calibration size and over rank; returns the PNG names."""
+def plot_run_curves(out: Path, name: str, curves: dict, references: dict[str, dict[str, float]]) -> list[str]:
+    """Figures of accuracy and top-1 agreement over calibration size and over rank (log₂ axes; the last rank
+    point is the full-rank fit); horizontal lines: the other methods on the same queries. Returns PNG names."""
     files = []
-    for axis, xlabel, log in (("calibration", "calibration queries", True), ("rank", "rank r", True)):
-        if axis not in curves:
+    for axis, xlabel in (("calibration", "log₂ calibration queries"), ("rank", "log₂ rank (last point: full rank)")):
+        if not curves.get(axis):
             continue
         for key, ylabel in (("correct", "first-token accuracy"), ("agree", "top-1 agreement with ICL")):
             drawn = []
             for label, points in curves[axis].items():
-                x = [point["x"] for point in points]
+                x = [math.log2(point["x"]) for point in points]
                 y, low, high = curve_points(points, key)
                 drawn.append(Curve(label, x, y, low, high, style="o-"))
-            xs = [point["x"] for points in curves[axis].values() for point in points]
+            xs = [x for curve in drawn for x in curve.x]
             for label, value in references.get(key, {}).items():
                 drawn.append(Curve(label, [min(xs), max(xs)], [value, value], style="--"))
             stem = out / f"{name}_{axis}_{key}"
-            plot_curves(
-                stem, drawn, xlabel + (" (log scale)" if log else ""), ylabel, f"{name}: {ylabel}", ylim=(0, 1.05)
-            )
+            plot_curves(stem, drawn, xlabel, ylabel, f"{name}: {ylabel}", ylim=(0, 1.05))
             files.append(stem.with_suffix(".png").name)
     return files
 
