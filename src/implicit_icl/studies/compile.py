@@ -65,7 +65,8 @@ class StudySettings:
     task, see `split_task`); context, seed: choose the demonstrations, and the rest of the split.
     rank: when set, every compiled patch searched is truncated to it (the CLI's --rank); search: choose the
     compiled patch's settings on dev (else `compiled` is the default settings); ridge/tokens: fix those;
-    search_ranks / search_ridges / search_tokens: the grid tried on dev (ranks when `rank` is None, None: full);
+    search_ridges × search_tokens: the first stage's grid, on dev; search_ranks: ranks tried for its best in
+    the second stage, with ¼ and ½ of the calibration queries (when `rank` is None; None: full rank);
     ablations: also fit the input side alone and the output side alone; baselines: run the task vectors,
     the function vector and the exact patches (off: the compiled patches only, for a pilot); head_layers: the
     layers whose heads' indirect effects are measured for the function vector (None: every layer)."""
@@ -94,17 +95,25 @@ class StudySettings:
         CompileSettings(ridge=self.ridge or 0.0, tokens=self.tokens or "all", rank=self.rank)  # validates
 
     def candidates(self) -> list[CompileSettings]:
-        """The compiled patches tried on dev (the default first)."""
+        """The compiled patches of the first search stage, on dev (the default first): λ × tokens, at `rank`."""
         ridges = self.search_ridges if self.ridge is None else (self.ridge,)
         tokens = self.search_tokens if self.tokens is None else (self.tokens,)
-        ranks = self.search_ranks if self.rank is None else (self.rank,)
         default = replace(DEFAULT, ridge=ridges[0] if self.ridge is not None else DEFAULT.ridge, rank=self.rank)
         if self.tokens is not None:
             default = replace(default, tokens=self.tokens)
         if not self.search:
             return [default]
-        grid = [CompileSettings(ridge=r, tokens=t, rank=k) for k in ranks for t in tokens for r in ridges]
+        grid = [CompileSettings(ridge=r, tokens=t, rank=self.rank) for t in tokens for r in ridges]
         return [default] + [setting for setting in grid if setting != default]
+
+    def second_stage(self, best: CompileSettings, n_queries: int) -> list[tuple[CompileSettings, int | None]]:
+        """After the first stage, for its best: each rank of `search_ranks` (when no rank is fixed), then a
+        quarter and a half of the calibration queries: (settings, number of calibration queries or None)."""
+        if not self.search:
+            return []
+        ranks = [rank for rank in self.search_ranks if rank is not None] if self.rank is None else []
+        sizes = [n_queries // fraction for fraction in (4, 2) if n_queries // fraction >= 1]
+        return [(replace(best, rank=rank), None) for rank in ranks] + [(best, size) for size in sizes]
 
 
 # --- splits ------------------------------------------------------------------------------------------------
@@ -397,7 +406,7 @@ def _selection_key(result: MethodResult) -> tuple[float, float, float]:
 
 
 def _evaluate_patch(model, patch, queries, offset) -> Tensor:
-    with patch.applied(model):
+    with patch.applied(model, via="hooks"):  # for a few hundred tokens, cheaper than adding U V^T to W
         return reduced_logits(model, queries, offset)
 
 
@@ -411,7 +420,7 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
         start = time.perf_counter()
         patch = fit_patch(model, calibration, setting, subset=subset)
         seconds = time.perf_counter() - start
-        with patch.applied(model):
+        with patch.applied(model, via="hooks"):  # for a few hundred tokens, cheaper than adding U V^T to W
             on_dev_logits = reduced_logits(model, queries[:n_dev], offset)
             total = time.perf_counter() - start  # fitting and scoring on dev: the search's cost
             logits = torch.cat([on_dev_logits, reduced_logits(model, queries[n_dev:], offset)])
@@ -431,14 +440,11 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
     results["compiled_default"] = tried[0][3]
     search_seconds = sum(item[4] for item in tried)
     best = max(tried, key=lambda item: _selection_key(item[2]))
-    if settings.search:  # the calibration size, for the best settings: a quarter and a half of the queries too
-        for fraction in (4, 2):
-            size = len(calibration.queries) // fraction
-            if size >= 1:
-                step(f"compiled patch, {size} calibration queries")
-                attempt(best[0], list(range(size)))
-        search_seconds = sum(item[4] for item in tried)
-        best = max(tried, key=lambda item: _selection_key(item[2]))
+    for setting, size in settings.second_stage(best[0], len(calibration.queries)):
+        step(f"compiled patch: {setting.label}, {size or len(calibration.queries)} calibration queries")
+        attempt(setting, None if size is None else list(range(size)))
+    search_seconds = sum(item[4] for item in tried)
+    best = max(tried, key=lambda item: _selection_key(item[2]))
     results["compiled"] = replace(best[3], seconds=search_seconds, patch=kept["patch"])
     choices = dict(
         compiled=best[3].details["settings"],
