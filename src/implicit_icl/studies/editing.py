@@ -2,8 +2,9 @@
 
 For each fact of `studies.facts`: the context is the statement alone ("The Eiffel Tower is in Rome."), asked
 about in the task template ("Q: In which city is the Eiffel Tower?\\nA:"). The compiled patch is fitted on
-unlabelled calibration queries: the fact's own question and the other facts' questions (unrelated subjects,
-whose context-ful answers the fit should leave as they are); paraphrases and neighbours are never fitted.
+unlabelled calibration queries: the fact's own question, two more phrasings of it (never scored) and the
+other facts' own questions (unrelated subjects, whose context-ful answers the fit should keep);
+paraphrases and neighbours are never fitted.
 Scored on the first token of " " + answer, per prompt (CounterFact's metrics, Meng et al. 2022):
 - efficacy: on the fact's own question, p(new) > p(true);
 - generalisation: on its three paraphrases, p(new) > p(true);
@@ -49,10 +50,12 @@ METRICS = ("efficacy", "generalisation", "specificity")
 @dataclass(frozen=True)
 class EncodedFact:
     """Ids of one fact: the context, its 7 queries (own question, 3 paraphrases, 3 neighbours), and per query
-    the token the edit wants (new) and the one it competes with (true), both first tokens of " " + answer."""
+    the token the edit wants (new) and the one it competes with (true), both first tokens of " " + answer;
+    phrasings: the calibration-only ways to ask."""
 
     context_ids: Tensor
     queries: list[Tensor]
+    phrasings: list[Tensor]
     wanted: Tensor  # [7]: new, new ×3, neighbour's true ×3
     rival: Tensor  # [7]: true, true ×3, new ×3
 
@@ -63,7 +66,7 @@ def _first_token(tokenizer, answer: str) -> int:
 
 def encode_fact(tokenizer, fact: Fact) -> EncodedFact:
     context_text = fact.statement + "\n\n"
-    questions = [fact.question, *fact.paraphrases, *(question for question, _ in fact.neighbours)]
+    questions = [fact.question, *fact.paraphrases, *(question for question, _ in fact.neighbours), *fact.phrasings]
     context, queries = None, []
     for question in questions:
         query = token_ids(tokenizer, format_query(question))
@@ -79,7 +82,7 @@ def encode_fact(tokenizer, fact: Fact) -> EncodedFact:
     neighbours = [_first_token(tokenizer, answer) for _, answer in fact.neighbours]
     wanted = torch.tensor([new] * 4 + neighbours)
     rival = torch.tensor([true] * 4 + [new] * 3)
-    return EncodedFact(torch.tensor(context), queries, wanted, rival)
+    return EncodedFact(torch.tensor(context), queries[:7], queries[7:], wanted, rival)
 
 
 def _successes(logits: Tensor, fact: EncodedFact) -> Tensor:
@@ -89,10 +92,10 @@ def _successes(logits: Tensor, fact: EncodedFact) -> Tensor:
 
 
 def edit_fact(loaded: LoadedModel, facts: list[EncodedFact], index: int) -> dict[str, Tensor | float]:
-    """Every method on fact `index`; the calibration queries are every fact's own question."""
+    """Every method on fact `index`; calibration: its own question and phrasings, the other facts' questions."""
     model, fact = loaded.model, facts[index]
     offset = fact.context_ids.numel()
-    calibration = [fact.queries[0]] + [other.queries[0] for i, other in enumerate(facts) if i != index]
+    calibration = [fact.queries[0], *fact.phrasings] + [other.queries[0] for i, other in enumerate(facts) if i != index]
     results: dict[str, Tensor | float] = {}
     results["unedited"] = _successes(reduced_logits(model, fact.queries, offset), fact)
     results["icl"] = _successes(context_logits(model, fact.context_ids, fact.queries), fact)
@@ -155,7 +158,8 @@ def _write(out: Path, result: dict, model: str) -> None:
     page = Page(f"context as a model edit: {model}")
     page.paragraph(
         f"{result['n_facts']} counterfactual statements, each the whole context, compiled into one patch from "
-        "calibration queries (the fact's own question and the other facts' questions); paraphrases and neighbour "
+        "calibration queries (the fact's own question, two more phrasings of it, the other facts' questions); "
+        "paraphrases and neighbour "
         "questions are never fitted. Efficacy: p(new) > p(true) on the own question; generalisation: the same on "
         "3 paraphrases; specificity: p(true answer) > p(new) on 3 questions about other subjects. First tokens "
         "of ' ' + answer; bootstrap 95% intervals over prompts."

@@ -1,10 +1,11 @@
 """A small set of counterfactual facts, written for this project, to measure a context compiled into an edit.
 
 Each fact is a statement that contradicts the world ("The Eiffel Tower is in Rome."), the question it answers
-(efficacy), three paraphrases of that question (generalisation) and three questions about other subjects of
+(efficacy), three paraphrases of that question (generalisation), three questions about other subjects of
 the same kind whose true answers the edit should leave alone (specificity; where possible they share the
-edited fact's true object, as in CounterFact, Meng et al. 2022, arXiv 2202.05262). Answers are single words
-whose first tokens differ between the true and the new object.
+edited fact's true object, as in CounterFact, Meng et al. 2022, arXiv 2202.05262), and two more phrasings
+used only as calibration queries. Answers are single words whose first tokens differ between the true and
+the new object.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Fact:
     true: str
     new: str
     neighbours: tuple[tuple[str, str], ...]  # (question, its true answer)
+    phrasings: tuple[str, str] = ()  # two more ways to ask, for calibration only (never scored)
 
 
 def _landmark(name: str, true: str, new: str, neighbours: tuple[str, str, str]) -> Fact:
@@ -30,6 +32,7 @@ def _landmark(name: str, true: str, new: str, neighbours: tuple[str, str, str]) 
         true,
         new,
         tuple((f"In which city is the {other}?", true) for other in neighbours),
+        (f"Tell me the city where the {name} is.", f"The {name} can be visited in which city?"),
     )
 
 
@@ -45,6 +48,7 @@ def _capital(country: str, true: str, new: str, neighbours: tuple[tuple[str, str
         true,
         new,
         tuple((f"What is the capital of {other}?", answer) for other, answer in neighbours),
+        (f"Tell me the capital of {country}.", f"The government of {country} sits in which city?"),
     )
 
 
@@ -56,6 +60,7 @@ def _author(work: str, true: str, new: str, neighbours: tuple[str, str, str]) ->
         true,
         new,
         tuple((f"Who wrote {other}?", true) for other in neighbours),
+        (f"Tell me who wrote {work}.", f"{work} came from the pen of which author?"),
     )
 
 
@@ -71,6 +76,7 @@ def _language(country: str, true: str, new: str, neighbours: tuple[str, str, str
         true,
         new,
         tuple((f"What is the official language of {other}?", true) for other in neighbours),
+        (f"Tell me the official language of {country}.", f"Schools in {country} teach in which language?"),
     )
 
 
@@ -82,6 +88,7 @@ def _field(person: str, true: str, new: str, neighbours: tuple[str, str, str]) -
         true,
         new,
         tuple((f"What was {other}'s profession?", true) for other in neighbours),
+        (f"Tell me what {person} did for a living.", f"By profession, {person} was a what?"),
     )
 
 
