@@ -82,7 +82,8 @@ def pooled_metrics(records: Sequence[dict], seed: int = 0) -> dict:
     stacked = torch.stack([columns[key] for key in keys], 1)
     means = _resampled_means(stacked, torch.Generator().manual_seed(seed))
     at = {key: index for index, key in enumerate(keys)}
-    result = {"n_queries": stacked.shape[0], "n_runs": len(records), "methods": {}}
+    context_tokens = sum(record["sizes"]["context_tokens"] for record in records) / len(records)
+    result = {"n_queries": stacked.shape[0], "n_runs": len(records), "context_tokens": context_tokens, "methods": {}}
     zero, icl = columns[("zero_shot", "correct")].mean(), columns[("icl", "correct")].mean()
     gain = means[:, at[("icl", "correct")]] - means[:, at[("zero_shot", "correct")]]
     for name in names:
@@ -135,18 +136,28 @@ def metric_table(aggregated: dict, key: str, methods: Sequence[str] = MAIN) -> t
 
 
 def cost_table(aggregated: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "seconds to build (per context)", "bytes on disk", "extra multiply-adds per token (unmerged)"]
+    header = ["method", "seconds to build (per context)", "bytes on disk", "inference overhead per query"]
     rows = []
     for name, entry in aggregated["all"]["methods"].items():
         seconds = entry["seconds_to_build"]
         size, ops = entry["bytes_on_disk"], entry["extra_multiply_adds_per_token"]
         per = " (per query)" if name == "exact_patch" else ""
+        if name == "icl":
+            overhead = f"{aggregated['all']['context_tokens']:.0f} more tokens (the context)"
+        elif name in ("task_vector", "task_vector_mean", "function_vector"):
+            overhead = "one vector written into (TV) or added to (FV) one layer, last token"
+        elif name == "zero_shot":
+            overhead = "none"
+        elif name == "exact_patch":
+            overhead = f"a context-ful pass to build it, then {ops / 1e6:.2f} M multiply-adds per token"
+        else:
+            overhead = f"{ops / 1e6:.2f} M multiply-adds per token unmerged; none merged"
         rows.append(
             [
                 LABELS[name],
                 "–" if seconds is None or name in ("icl", "zero_shot") else f"{seconds:.1f}{per}",
                 "–" if size is None else _bytes(size) + per,
-                "–" if ops is None else f"{ops:,.0f}",
+                overhead,
             ]
         )
     return header, rows
