@@ -158,8 +158,11 @@ def settings_line(result: dict) -> str:
 def markdown_table(result: dict) -> str:
     """The table of tasks in Markdown (for a README or a model card), headed by the settings."""
     header, rows = task_rows(result)
-    lines = [f"{settings_line(result)}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+
+    def line(cells: list[object]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [f"{settings_line(result)}.", "", line(header), "|" + "---|" * len(header), *map(line, rows)]
     return "\n".join(lines) + "\n"
 
 
