@@ -181,9 +181,10 @@ def test_fine_tuning_comparison_on_the_default_model(default_model):
     assert torch.allclose(log_probability[:, 0], run.heldout_log_probability[:, 0], atol=1e-4)
 
 
-def test_dynamics_command_context_mode_reports_the_contract_keys(tmp_path):
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_dynamics_command_context_mode_reports_the_contract_keys(tmp_path, family):
     directory = tmp_path / "model"
-    tiny_model("qwen2", seed=1, dtype=torch.float32).save_pretrained(directory)
+    tiny_model(family, seed=1, dtype=torch.float32).save_pretrained(directory)
     result = runner.invoke(
         app,
         ["dynamics", "--model", str(directory), "--context-ids", "5 17 42 8 91 23 64", "--query-ids", "7 9",
@@ -194,7 +195,9 @@ def test_dynamics_command_context_mode_reports_the_contract_keys(tmp_path):
     assert report["prefix_lengths"] == list(range(8)) and report["method"] == "one pass"
     assert report["max_abs_logit_diff"] <= 1e-4 and report["seconds"] > 0
     assert len(report["layers"]["increment_norms"]) == 2 and len(report["layers"]["increment_norms"][0]) == 7
-    assert len(report["target"]["probability"]) == 8 and report["gradient_descent"][0]["shared_reference"]
+    assert len(report["target"]["probability"]) == 8
+    # the GD check reads dense MLP input matrices, which a mixture of experts does not have
+    assert report["gradient_descent"][0]["shared_reference"] if family == "qwen2" else report["gradient_descent"] == []
     assert len(report["controls"]["untrained_increment_norms_stacked"]) == 7
     assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "dynamics.json").is_file()
     assert json.loads((tmp_path / "report" / "dynamics.json").read_text())["prefix_lengths"] == list(range(8))
