@@ -21,6 +21,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any new file
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~_UMASK)  # again: some writers replace the file (safetensors makes it 0600)
         os.replace(temporary, path)
     except BaseException:
         with suppress(FileNotFoundError):

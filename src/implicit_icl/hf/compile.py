@@ -391,6 +391,7 @@ def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLi
         merged.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        _normal_permissions(staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -398,6 +399,15 @@ def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLi
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _normal_permissions(directory: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors 0600 files; the checkpoint should read like any new folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _new_biases(merged: PreTrainedModel, patch: Patch) -> list[nn.Module]:
