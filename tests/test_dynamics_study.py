@@ -228,7 +228,7 @@ def test_dynamics_command_task_mode_on_the_default_model(tmp_path):
         )
     # without demonstrations both models of the trained weights see the same query alone
     zero_shot = [study["conditions"][n]["answer_probability"]["mean"][0] for n in ("trained", "shuffled answers")]
-    assert zero_shot[0] == zero_shot[1]
+    assert zero_shot[0] == pytest.approx(zero_shot[1], rel=1e-4)  # float32 runs of different batch layouts
     finetune = report["finetune"]
     assert finetune["step_size"] == {"trained": 0.01, "untrained": 0.01} and finetune["prompts"] == 1
     assert len(finetune["conditions"]["untrained"]["alignment_per_layer"]["mean"]) == layers

@@ -118,6 +118,18 @@ def test_chunks_of_copies_give_the_same_trajectory(family):
                     1 + _dense(delta).abs().max()
                 )
             assert (parts.patched_logits - whole.patched_logits).abs().max() <= 1e-9
+        # a trajectory read at some of its prefixes is the trajectory of those prefixes
+        every = prefix_patches(model, context, query)
+        some = every.at([0, 3, 4, 9, 15, 20])
+        assert some.prefix_lengths == whole.prefix_lengths and some.patch.sources == whole.patch.sources
+        for name, delta in whole.patch.deltas.items():
+            assert (_dense(some.patch.deltas[name]) - _dense(delta)).abs().max() <= 1e-9 * (
+                1 + _dense(delta).abs().max()
+            )
+        assert (some.patched_logits - whole.patched_logits).abs().max() <= 1e-9
+        assert all(
+            torch.equal(a, b[[0, 3, 4, 9, 15, 20]]) for a, b in zip(some.mlp_inputs, every.mlp_inputs, strict=True)
+        )
     # the memory budget sets the chunks: room for one copy only, or for all of them
     one_copy_of_the_whole_context = (20 + 2) ** 2 * attention_bytes_per_entry(model)
     assert chunked([0, 3, 20], 2, model, one_copy_of_the_whole_context, None) == [[0, 3], [20]]

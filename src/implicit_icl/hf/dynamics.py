@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from rich.console import Console
@@ -81,6 +81,27 @@ class Trajectory:
         if self.patched_logits is None:
             return float("nan")
         return float((self.patched_logits.double() - self.context_logits.double()).abs().max())
+
+    def at(self, prefix_lengths: Sequence[int]) -> Trajectory:
+        """The same trajectory at some of its prefixes (e.g. every token's, read at demonstration boundaries)."""
+        missing = sorted(set(prefix_lengths) - set(self.prefix_lengths))
+        if missing:
+            raise ImplicitICLError(f"the trajectory has no prefix of length {missing[0]}; compute it first")
+        index = torch.tensor([self.prefix_lengths.index(p) for p in prefix_lengths])
+        patch = replace(
+            self.patch,
+            deltas={name: delta[index] for name, delta in self.patch.deltas.items()},
+            sources=tuple(self.patch.sources[i] for i in index.tolist()),
+        )
+        patched = None if self.patched_logits is None else self.patched_logits[index]
+        return replace(
+            self,
+            prefix_lengths=tuple(prefix_lengths),
+            patch=patch,
+            context_logits=self.context_logits[index],
+            patched_logits=patched,
+            mlp_inputs=[layer[index] for layer in self.mlp_inputs],
+        )
 
 
 def prefix_patches(

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.dynamics import prefix_patches
+from implicit_icl.hf.dynamics import Trajectory, prefix_patches
 from implicit_icl.hf.dynamics_series import answer_scores, input_side_names, layer_series
 from implicit_icl.hf.spec import spec_for
 from implicit_icl.statistics import bootstrap
@@ -116,10 +116,12 @@ def shot_dynamics(
     description: str = "",
     dtype: torch.dtype = torch.float64,
     keep_implicit: int = 0,
+    first: Trajectory | None = None,
 ) -> ShotDynamics:
     """Every prompt's patches at its demonstration boundaries, one pass each. answers: the scored token of each
     prompt (the true answer's first token, also for shuffled prompts). keep_implicit: for that many first
-    prompts, keep the input side's deltas (float32) for the fine-tuning comparison."""
+    prompts, keep the input side's deltas (float32) for the fine-tuning comparison. first: the first prompt's
+    trajectory if it is already computed (at every token prefix, say), read at the boundaries instead."""
     spec = spec_for(model)
     names = [name for layer in range(model.config.num_hidden_layers) for name in input_side_names(model, spec, layer)]
     rows: dict[str, list] = {key: [] for key in ShotDynamics.__dataclass_fields__ if key != "seconds"}
@@ -133,8 +135,11 @@ def shot_dynamics(
     for index, (prompt, answer) in enumerate(progress):
         encoded = encode(tokenizer, prompt)
         boundaries = demonstration_boundaries(tokenizer, prompt)
-        trajectory = prefix_patches(model, encoded.context_ids, encoded.query_ids, boundaries, dtype=dtype)
-        seconds += trajectory.seconds
+        if index == 0 and first is not None and first.query_ids == tuple(encoded.query_ids.tolist()):
+            trajectory = first.at(boundaries)
+        else:
+            trajectory = prefix_patches(model, encoded.context_ids, encoded.query_ids, boundaries, dtype=dtype)
+            seconds += trajectory.seconds
         series = layer_series(model, trajectory)
         probability, rank = answer_scores(trajectory.patched_logits, answer)
         rows["probability"].append(probability)
@@ -220,16 +225,19 @@ def run_conditions(
     seed: int,
     untrained: PreTrainedModel | None = None,
     keep_implicit: int = 0,
+    first: Trajectory | None = None,
 ) -> tuple[dict[str, ShotDynamics], list[Prompt]]:
-    """The three conditions on the same prompts; returns them and the shuffled prompts. keep_implicit: see
-    `shot_dynamics`."""
+    """The three conditions on the same prompts; returns them and the shuffled prompts. keep_implicit, first
+    (the trained model's trajectory of the first prompt): see `shot_dynamics`."""
     rng = random.Random(f"shuffled answers:{seed}")
     shuffled = [shuffled_answers(prompt, rng) for prompt in prompts]
     answers = [encode(tokenizer, prompt).answer_token for prompt in prompts]
     if untrained is None:
         untrained = untrained_model(model, seed)
     results = {
-        "trained": shot_dynamics(model, tokenizer, prompts, answers, "trained model", keep_implicit=keep_implicit),
+        "trained": shot_dynamics(
+            model, tokenizer, prompts, answers, "trained model", keep_implicit=keep_implicit, first=first
+        ),
         "shuffled answers": shot_dynamics(
             model, tokenizer, shuffled, answers, "shuffled answers", keep_implicit=keep_implicit
         ),

@@ -188,10 +188,10 @@ def _task_mode(loaded: LoadedModel, chosen: Task, settings: DynamicsSettings, ou
     model, tokenizer = loaded.model, loaded.tokenizer
     prompts = sample_prompts(chosen, settings.shots, settings.n, settings.seed)
     first = encode(tokenizer, prompts[0])
-    _, result = trajectory_result(model, first.context_ids, first.query_ids, first.answer_token, settings)
+    trajectory, result = trajectory_result(model, first.context_ids, first.query_ids, first.answer_token, settings)
     untrained = untrained_model(model, settings.seed)
     keep = min(settings.finetune_prompts, settings.n) if settings.finetune else 0
-    conditions, shuffled = run_conditions(model, tokenizer, prompts, settings.seed, untrained, keep)
+    conditions, shuffled = run_conditions(model, tokenizer, prompts, settings.seed, untrained, keep, trajectory)
     result["task"] = chosen.name
     result["shots"] = settings.shots
     result["n"] = settings.n
