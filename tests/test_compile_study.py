@@ -136,6 +136,11 @@ def test_bad_input_is_refused_in_one_line_before_the_model_loads(tmp_path):
         (Source(context="x", calibration=mixed), "every query or for none"),
         (Source(context="x", calibration=tmp_path / "missing.json"), "cannot read --calibration"),
     ]
+    with pytest.raises(ImplicitICLError, match="cannot read --context-file"):
+        Source(context_file=tmp_path / "missing.txt")
+    with pytest.raises(ImplicitICLError, match="not both"):
+        Source(context="x", context_file=broken)
+    assert Source(context_file=broken, calibration=broken).context == "[1, 2"
     for source, message in cases:
         with pytest.raises(ImplicitICLError, match=message) as error:
             compile_command("no-such-model", "float32", source, StudySettings())

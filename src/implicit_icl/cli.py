@@ -247,6 +247,7 @@ def compile_context(
     task: str | None = typer.Option(None, "--task", help="a built-in task: its demonstrations are the context"),
     task_file: Path | None = typer.Option(None, "--task-file", help="a JSON task file, like --task"),
     context: str | None = typer.Option(None, help="context text (with --calibration)"),
+    context_file: Path | None = _CONTEXT_FILE,
     context_ids: str | None = _CONTEXT_IDS,
     calibration: Path | None = typer.Option(None, help="JSON list of queries (text, ids or {query, answer})"),
     shots: int = typer.Option(5, help="demonstrations in the context (task mode)"),
@@ -272,7 +273,7 @@ def compile_context(
     try:
         RunOptions(model, dtype)  # checks --dtype before anything loads
         settings = StudySettings(shots, calibration_size, dev, n, seed, seed, rank, ridge, tokens)
-        source = Source(task, task_file, context, context_ids, calibration)
+        source = Source(task, task_file, context, context_ids, calibration, context_file)
         result = compile_command(model, dtype, source, settings, save, peft, merged, out)
     except ImplicitICLError as error:
         fail(error)

@@ -3,7 +3,7 @@
 Input, exactly one of:
 - a built-in task (`--task`) or a task file (`--task-file`): the K demonstrations form the context; calibration,
   dev and held-out queries are disjoint inputs of the task (`compile.split_task`);
-- a context (`--context TEXT` or `--context-ids "1 2 3"`) with a calibration file (`--calibration FILE`): a JSON
+- a context (`--context TEXT`, `--context-file F` or `--context-ids "1 2 3"`) with a calibration file (`--calibration FILE`): a JSON
   list of queries, each a string (the text that follows the context), a list of token ids, or an object
   {"query": ..., "answer": ...} whose answer is the continuation (text whose first token is scored, or a
   token id). Its items are split into dev, held-out and calibration queries like a task's. Without answers
@@ -66,13 +66,23 @@ class Source:
     context: str | None = None
     context_ids: str | None = None
     calibration: Path | None = None
+    context_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.context_file is not None:  # read here, so that the rest sees one text (a shell's $(cat) drops "\n\n")
+            if self.context is not None:
+                raise ImplicitICLError("give --context or --context-file, not both")
+            try:
+                object.__setattr__(self, "context", Path(self.context_file).read_text(encoding="utf-8"))
+            except OSError as error:
+                raise ImplicitICLError(f"cannot read --context-file {self.context_file}: {error.strerror}") from None
 
     def check(self, shots: int) -> Task | list:
         """The task, or the calibration file's items; one-line errors for anything else."""
         given = [name for name in ("task", "task_file", "context", "context_ids") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ImplicitICLError(
-                f"give exactly one of --task, --task-file, --context or --context-ids (got {len(given)})"
+                f"give exactly one of --task, --task-file, --context (--context-file) or --context-ids (got {len(given)})"
             )
         if self.task is not None or self.task_file is not None:
             if self.calibration is not None:
