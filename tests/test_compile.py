@@ -8,9 +8,10 @@ from transformers import AutoModelForCausalLM
 
 from implicit_icl import Patch
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.compile import CompileSettings, compile_patch, fit_patch, record_calibration, save_merged
+from implicit_icl.hf.compile import CompileSettings, compile_patch, fit_patch, record_calibration
 from implicit_icl.hf.construct import compute_patch
 from implicit_icl.hf.forward import ForwardInputs, run_model
+from implicit_icl.hf.merge import save_merged
 from implicit_icl.hf.queries import ContextPrefix, context_logits, reduced_logits
 from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.theory import LowRankUpdate

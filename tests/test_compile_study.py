@@ -15,9 +15,10 @@ from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.load import LoadedModel
 from implicit_icl.hf.queries import reduced_logits
 from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
-from implicit_icl.studies.compile import StudySettings, encode_split, run_split, shuffled_labels, split_task
+from implicit_icl.studies.compile import StudySettings, run_split
 from implicit_icl.studies.compile_report import aggregate, run_record, write_study_report
 from implicit_icl.studies.compile_run import CONTRACT, Source, compile_command
+from implicit_icl.studies.compile_splits import encode_split, shuffled_labels, split_task
 from implicit_icl.studies.editing import FACTS, edit_fact, encode_fact
 from implicit_icl.tasks import Example, task
 

@@ -15,9 +15,8 @@ One *run* is one task, one demonstration set (the context) and one seed:
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -37,9 +36,7 @@ from implicit_icl.hf.compile import Calibration, CompileSettings, fit_patch, rec
 from implicit_icl.hf.construct import compute_patches
 from implicit_icl.hf.queries import context_logits, reduced_logits
 from implicit_icl.patch import PatchData
-from implicit_icl.tasks import Example, Task, encode, format_context, format_query
-from implicit_icl.tasks.encoding import token_ids
-from implicit_icl.tasks.sampling import Prompt
+from implicit_icl.studies.compile_splits import Encoded
 from implicit_icl.theory import LowRankUpdate
 
 # The compiled patch's default settings, fixed before the comparison from a pilot on four tasks left out of it
@@ -114,109 +111,6 @@ class StudySettings:
         ranks = [rank for rank in self.search_ranks if rank is not None] if self.rank is None else []
         sizes = [n_queries // fraction for fraction in (4, 2) if n_queries // fraction >= 1]
         return [(replace(best, rank=rank), None) for rank in ranks] + [(best, size) for size in sizes]
-
-
-# --- splits ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Split:
-    """Disjoint inputs of one task: demonstrations, calibration, dev and held-out examples."""
-
-    task: str
-    demonstrations: tuple[Example, ...]
-    calibration: tuple[Example, ...]
-    dev: tuple[Example, ...]
-    heldout: tuple[Example, ...]
-    shrunk: bool = False  # the task had too few inputs for the sizes asked
-
-
-def split_task(task: Task, shots: int, calibration: int, dev: int, n: int, context: int, seed: int) -> Split:
-    """The split of module docstring: demonstrations drawn with `context`, the rest shuffled with (context,
-    seed). When the task has too few inputs, dev keeps its size (at most a quarter of what is left) and the
-    held-out and calibration sets share the rest, held-out first up to half."""
-    if task.query_in_context:
-        raise ImplicitICLError(
-            f"task {task.name!r} binds its answers inside each prompt, so no fixed context serves other queries; "
-            "choose another task"
-        )
-    pool = list(task.pool(0))
-    rng = random.Random(f"compile:{task.name}:context:{context}")
-    rng.shuffle(pool)
-    demonstrations, rest = pool[:shots], pool[shots:]
-    random.Random(f"compile:{task.name}:context:{context}:seed:{seed}").shuffle(rest)
-    n_dev = min(dev, len(rest) // 4)
-    left = len(rest) - n_dev
-    n_heldout, n_calibration = n, calibration
-    if n + calibration > left:
-        n_heldout = min(n, (left + 1) // 2)
-        n_calibration = min(calibration, left - n_heldout)
-    if min(n_dev, n_heldout, n_calibration) < 1 or len(demonstrations) < shots:
-        raise ImplicitICLError(
-            f"task {task.name!r} has {len(pool)} inputs, too few for {shots} demonstrations and ≥ 1 dev, held-out "
-            "and calibration query each; use fewer shots"
-        )
-    return Split(
-        task.name,
-        tuple(demonstrations),
-        tuple(rest[n_dev + n_heldout : n_dev + n_heldout + n_calibration]),
-        tuple(rest[:n_dev]),
-        tuple(rest[n_dev : n_dev + n_heldout]),
-        shrunk=(n_heldout, n_calibration, n_dev) != (n, calibration, dev),
-    )
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of a run: the context, its shuffled-label version (None: none can be made), and the
-    calibration, dev and held-out queries; answers: the first token of each answer (None: unlabelled, ICL's
-    top-1 token stands in)."""
-
-    context_ids: Tensor
-    shuffled_context_ids: Tensor | None
-    calibration: list[Tensor]
-    dev: list[Tensor]
-    heldout: list[Tensor]
-    dev_answers: Tensor | None
-    heldout_answers: Tensor | None
-    inputs: list[str] = field(default_factory=list)  # held-out inputs, for the report
-
-
-def shuffled_labels(demonstrations: Sequence[Example], seed: int) -> list[Example]:
-    """The demonstrations with their outputs permuted so that none keeps its own (where outputs differ)."""
-    outputs = [example.output for example in demonstrations]
-    order = list(range(len(outputs)))
-    random.Random(f"shuffled:{seed}").shuffle(order)
-    rotated = order[1:] + order[:1]  # a cycle through a random order: every position moves
-    permuted = [None] * len(outputs)
-    for source, target in zip(order, rotated, strict=True):
-        permuted[target] = outputs[source]
-    return [Example(example.input, output) for example, output in zip(demonstrations, permuted, strict=True)]
-
-
-def encode_split(tokenizer, split: Split, seed: int = 0) -> Encoded:
-    """The ids of every part of the split under the task template (`tasks.encode`)."""
-    if tokenizer is None:
-        raise ImplicitICLError("task prompts are text, so the model needs a tokenizer; use --context-ids data instead")
-
-    def queries(examples) -> tuple[list[Tensor], Tensor]:
-        encoded = [encode(tokenizer, Prompt(split.demonstrations, example)) for example in examples]
-        for item in encoded:
-            if not torch.equal(item.context_ids, encoded[0].context_ids):
-                raise ImplicitICLError("the tokenizer reads the context differently before different queries")
-        return [item.query_ids for item in encoded], torch.tensor([item.answer_token for item in encoded])
-
-    dev, dev_answers = queries(split.dev)
-    heldout, heldout_answers = queries(split.heldout)
-    context = encode(tokenizer, Prompt(split.demonstrations, split.dev[0])).context_ids
-    shuffled = encode(tokenizer, Prompt(tuple(shuffled_labels(split.demonstrations, seed)), split.dev[0])).context_ids
-    calibration = [torch.tensor(token_ids(tokenizer, format_query(example.input))) for example in split.calibration]
-    inputs = [example.input for example in split.heldout]
-    return Encoded(context, shuffled, calibration, dev, heldout, dev_answers, heldout_answers, inputs)
-
-
-def context_text(split: Split) -> str:
-    return format_context(split.demonstrations)
 
 
 # --- one run -----------------------------------------------------------------------------------------------
@@ -464,12 +358,6 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
             step(f"ablation: {setting.label}")
             results[name] = attempt(replace(setting, rank=settings.rank), searched=False)[1]
     return results, choices
-
-
-def replace_seconds(result: MethodResult, seconds: float) -> MethodResult:
-    return MethodResult(
-        result.correct, result.agree, result.kl, seconds, result.n_bytes, result.extra_ops, result.details
-    )
 
 
 def _vector_methods(model, calibration, heads, encoded: Encoded, dev, scorer, record_seconds, choices, step, settings):

@@ -23,18 +23,12 @@ from pathlib import Path
 import torch
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.compile import save_merged
 from implicit_icl.hf.load import LoadedModel, load_model
-from implicit_icl.studies.compile import (
-    CurveSettings,
-    Encoded,
-    StudySettings,
-    encode_split,
-    shuffled_labels,
-    split_task,
-)
+from implicit_icl.hf.merge import save_merged
+from implicit_icl.studies.compile import CurveSettings, StudySettings
 from implicit_icl.studies.compile import run_split as run_methods
 from implicit_icl.studies.compile_report import aggregate, plot_run_curves, run_record, write_study_report
+from implicit_icl.studies.compile_splits import Encoded, encode_split, shuffled_labels, split_task
 from implicit_icl.tasks import Task, format_context, load_task_file, parse_context, task
 from implicit_icl.tasks.encoding import token_ids
 from implicit_icl.toy.progress import progress_bar

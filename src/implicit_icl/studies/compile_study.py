@@ -19,7 +19,7 @@ from pathlib import Path
 
 from implicit_icl.hf.load import LoadedModel
 from implicit_icl.report import write_json
-from implicit_icl.studies.compile import CurveSettings, StudySettings, encode_split, run_split, split_task
+from implicit_icl.studies.compile import CurveSettings, StudySettings, run_split
 from implicit_icl.studies.compile_report import (
     LABELS,
     MAIN,
@@ -31,6 +31,7 @@ from implicit_icl.studies.compile_report import (
     run_record,
     write_study_report,
 )
+from implicit_icl.studies.compile_splits import encode_split, split_task
 from implicit_icl.tasks import task
 
 

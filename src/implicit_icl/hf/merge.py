@@ -1,0 +1,93 @@
+"""A patch merged into a copy of the model's weights and saved as an ordinary Hugging Face checkpoint.
+
+The deltas are added densely (U V^T, once) to a deep copy; the user's model is never touched. The result is
+written with `save_pretrained` (safetensors) into a staging folder that replaces the target whole, so
+`AutoModelForCausalLM.from_pretrained(directory)` loads the patched model with no library of ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.apply import Patch, owner
+from implicit_icl.hf.spec import layers_of, spec_for
+from implicit_icl.theory import LowRankUpdate
+
+
+def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a copy of `model` with the patch added to its weights (densely: U V^T, once) as a Hugging Face
+    checkpoint (`save_pretrained`, safetensors) that `AutoModelForCausalLM.from_pretrained` loads.
+
+    The user's model is not touched. A bias on a module without one exists in the checkpoint only if the
+    family's configuration can switch MLP biases on (`mlp_bias`, Llama-style; the other MLP matrices then get
+    zero biases); otherwise it is refused in one line. The folder appears whole or not at all."""
+    if patch.batched:
+        raise ImplicitICLError("a batched patch holds one patch per entry; merge one entry, e.g. patch[i]")
+    patch.check_matches(model)
+    merged = copy.deepcopy(model)
+    new_biases = _new_biases(merged, patch)
+    with torch.no_grad():
+        for name, delta in patch.deltas.items():
+            module, attribute = owner(merged, name)
+            parameter = getattr(module, attribute)
+            if isinstance(delta, LowRankUpdate):
+                delta.add_to_(parameter, transposed=isinstance(module, Conv1D))
+            elif parameter is None:
+                setattr(module, attribute, nn.Parameter(delta.to(module.weight).clone(), requires_grad=False))
+            else:
+                parameter.add_(delta.to(parameter))
+        for module in new_biases:
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros_like(module.weight[:, 0]), requires_grad=False)
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        merged.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _normal_permissions(staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _normal_permissions(directory: Path) -> None:
+    """mkdtemp makes a 0700 folder and safetensors 0600 files; the checkpoint should read like any new folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _new_biases(merged: PreTrainedModel, patch: Patch) -> list[nn.Module]:
+    """The MLP matrices that must carry a (zero) bias once the config switches `mlp_bias` on, or a refusal."""
+    missing = [
+        name for name, delta in patch.deltas.items() if name.endswith(".bias") and owner(merged, name)[0].bias is None
+    ]
+    if not missing:
+        return []
+    if not hasattr(merged.config, "mlp_bias"):
+        raise ImplicitICLError(
+            f"{missing[0]} adds a bias to a module without one, and {merged.config.model_type}'s configuration cannot "
+            "declare MLP biases, so no checkpoint of this family can hold it; save the patch instead (--save)"
+        )
+    merged.config.mlp_bias = True
+    spec = spec_for(merged)
+    paths = (*spec.mlp_inputs, spec.mlp_output)
+    return [layer.get_submodule(path) for layer in layers_of(merged, spec) for path in paths]
