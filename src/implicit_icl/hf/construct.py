@@ -79,7 +79,7 @@ def compute_patches(
     pass, one padded reduced pass. Returns a batched Patch whose entry i is the patch of pair i (apply
     it to the batch of reduced inputs, or index it: patch[i]). padding: "left" or "right", for the
     context-ful pass (the reduced pass is left-padded so that every patched token is the last one)."""
-    spec, output = _check_settings(model, output, dtype)
+    spec, output = check_settings(model, output, dtype)
     if not pairs:
         raise ImplicitICLError("no (context, query) pairs given; give at least one")
     inputs = [patch_input(model, context, query, drop) for context, query in pairs]
@@ -94,7 +94,7 @@ def compute_patches(
     states = record_context(model, spec, full, torch.stack([torch.arange(len(inputs)), last], -1), replay=alone)
     reduced = ForwardInputs.padded([item.full[item.kept] for item in inputs], [item.kept for item in inputs])
     deltas = chain_patches(model, spec, states, reduced.to(device), output, dtype, feed_context_inputs=alone)
-    return _patch(model, deltas, output, dtype, [_source(item) for item in inputs], drop)
+    return assemble_patch(model, deltas, output, dtype, [_source(item) for item in inputs], drop)
 
 
 def every_position_patches(
@@ -107,7 +107,7 @@ def every_position_patches(
     context is every other token). Apply it with `patch.applied` to the batch of one-token sequences
     ids[:, None] at positions arange(T)[:, None].
     """
-    spec, output = _check_settings(model, output, dtype)
+    spec, output = check_settings(model, output, dtype)
     ids = as_token_ids("input ids", input_ids, model)
     if ids.numel() == 0:
         raise ImplicitICLError("the input is empty; give at least one token")
@@ -120,10 +120,11 @@ def every_position_patches(
     reduced = ForwardInputs.plain(ids[:, None], positions[:, None])
     deltas = chain_patches(model, spec, states, reduced, output, dtype, feed_context_inputs=True)
     sources = [Source(tuple(ids[:i].tolist()), (int(ids[i]),), (i,)) for i in range(ids.numel())]
-    return _patch(model, deltas, output, dtype, sources, None)
+    return assemble_patch(model, deltas, output, dtype, sources, None)
 
 
-def _check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dtype) -> tuple[FamilySpec, str]:
+def check_settings(model: PreTrainedModel, output: str | None, dtype: torch.dtype) -> tuple[FamilySpec, str]:
+    """The family's spec and the output side to use, after refusing what no construction can do."""
     spec = spec_for(model)
     if model.training:
         raise ImplicitICLError("the model is in training mode, where dropout makes two runs differ; call model.eval()")
@@ -145,7 +146,8 @@ def _source(item: PatchInput) -> Source:
     return Source(tuple(item.full[:n].tolist()), tuple(item.full[n:].tolist()), tuple(item.kept.tolist()))
 
 
-def _patch(model, deltas, output, dtype, sources: list[Source], drop) -> Patch:
+def assemble_patch(model, deltas, output, dtype, sources: list[Source], drop) -> Patch:
+    """The batched Patch of `deltas` (full parameter names), with its sources and the model's fingerprint."""
     modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in deltas))
     return Patch(
         deltas=deltas,

@@ -38,8 +38,8 @@ from transformers import PreTrainedModel
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.apply import Patch
 from implicit_icl.hf.capture import ContextStates, hooked, record_context, replayed
-from implicit_icl.hf.construct import _check_settings, _patch, chain_patches
-from implicit_icl.hf.forward import ForwardInputs, _attention_mask, custom_attention_mask, model_device
+from implicit_icl.hf.construct import assemble_patch, chain_patches, check_settings
+from implicit_icl.hf.forward import ForwardInputs, custom_attention_mask, model_attention_mask, model_device
 from implicit_icl.hf.inputs import TokenIds, as_token_ids, check_length
 from implicit_icl.hf.spec import FamilySpec, layers_of, spec_for
 from implicit_icl.patch import Source, concatenate
@@ -126,7 +126,7 @@ def prefix_patches(
     instead (for tests). verify: also run every query alone under its patch (`patched_logits`, the check
     against the context-ful logits); without it the trajectory costs the two passes that build the patches.
     """
-    spec, output = _check_settings(model, output, dtype)
+    spec, output = check_settings(model, output, dtype)
     if spec.encoder:
         raise ImplicitICLError(
             f"{model.config.model_type} is a bidirectional encoder: its tokens see the context after them, so "
@@ -294,7 +294,7 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
     else:
         deltas = chain_patches(model, spec, states, reduced, output, dtype, feed_context_inputs=q == 1)
     sources = [Source(tuple(context[:p].tolist()), tuple(query.tolist()), tuple(range(p, p + q))) for p in prefixes]
-    patch = _patch(model, deltas, output, dtype, sources, None)
+    patch = assemble_patch(model, deltas, output, dtype, sources, None)
     mlp_inputs = reading.mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
     patched_logits = patched_last_logits(model, patch, reduced) if verify else None
     return _Part(patch, context_logits, patched_logits, mlp_inputs)
@@ -367,7 +367,7 @@ def last_position_logits(model: PreTrainedModel, inputs: ForwardInputs) -> Tenso
     output = model(
         input_ids=inputs.input_ids,
         position_ids=inputs.position_ids,
-        attention_mask=_attention_mask(model, inputs),
+        attention_mask=model_attention_mask(model, inputs),
         use_cache=False,
         logits_to_keep=1,
     )

@@ -75,7 +75,7 @@ def run_model(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | None:
 
     The padding mask is always passed (all ones when nothing is padded): without it HF reads a jump in
     position_ids (a removed span) as the start of another packed sequence and hides the tokens before it."""
-    mask = _attention_mask(model, inputs)
+    mask = model_attention_mask(model, inputs)
     try:
         output = model(
             input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, use_cache=False
@@ -85,7 +85,8 @@ def run_model(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | None:
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
 
 
-def _attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | dict[str, Tensor]:
+def model_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | dict[str, Tensor]:
+    """The attention mask `run_model` passes to HF for these inputs (see `custom_attention_mask`)."""
     if inputs.custom:
         return custom_attention_mask(model, inputs)
     mask = inputs.attention_mask
