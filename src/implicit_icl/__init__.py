@@ -17,6 +17,7 @@ __all__ = [
     "compute_patch",
     "compute_patches",
     "every_position_patches",
+    "load_model",
     "patched_generate",
     "prefix_patches",
     "rank_one_update",
@@ -30,6 +31,7 @@ _LAZY = {
     "compute_patch": "implicit_icl.hf",
     "compute_patches": "implicit_icl.hf",
     "every_position_patches": "implicit_icl.hf",
+    "load_model": "implicit_icl.hf",
     "patched_generate": "implicit_icl.hf",
     "prefix_patches": "implicit_icl.hf",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import suppress
@@ -28,3 +29,19 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def build_staged_folder(folder: Path, build: Callable[[Path], None]) -> Path:
+    """Run build(staging) in a fresh hidden sibling of `folder` and return the staging folder, its files with
+    the permissions of any new file; the caller moves it into place. It never outlives an error."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        build(staging)
+        for path in [staging, *staging.iterdir()]:  # mkdtemp makes 0700, safetensors 0600
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging

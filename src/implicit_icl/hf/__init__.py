@@ -5,6 +5,7 @@ from implicit_icl.hf.compile import CompileSettings, compile_patch
 from implicit_icl.hf.construct import compute_patch, compute_patches, every_position_patches
 from implicit_icl.hf.dynamics import Trajectory, prefix_patches
 from implicit_icl.hf.generate import Generation, patched_generate
+from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.hf.spec import SPECS, FamilySpec, spec_for
 from implicit_icl.hf.verify import Verification, verify_every_position, verify_patch
 
@@ -13,6 +14,7 @@ __all__ = [
     "CompileSettings",
     "FamilySpec",
     "Generation",
+    "LoadedModel",
     "Patch",
     "Trajectory",
     "Verification",
@@ -20,6 +22,7 @@ __all__ = [
     "compute_patch",
     "compute_patches",
     "every_position_patches",
+    "load_model",
     "patched_generate",
     "prefix_patches",
     "spec_for",

@@ -46,6 +46,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from implicit_icl import __version__
+from implicit_icl.atomic import build_staged_folder
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.spec import spec_for, spec_for_family
 
@@ -303,7 +304,7 @@ def _cached_conversion(source: GgufSource, what: str) -> Path:
     console = Console(stderr=True, soft_wrap=True, highlight=False)
     console.print(f"converting {what} to float32 (first use only)…")
     start = time.perf_counter()
-    built = _build_in_temporary_sibling(folder, lambda temporary: _convert(source, temporary, console))
+    built = build_staged_folder(folder, lambda temporary: _convert(source, temporary, console))
     _publish(built, folder, source)
     console.print(f"converted {what} in {time.perf_counter() - start:.0f} s; cached in {folder}")
     return folder
@@ -351,27 +352,6 @@ def _read_gguf_model(source: GgufSource) -> PreTrainedModel:
             f"cannot read {source.path} as a GGUF model ({first_line.strip()}): the file is damaged or of an "
             f"architecture transformers cannot load from GGUF; {source.reinstall}"
         ) from None
-
-
-def _build_in_temporary_sibling(folder: Path, build: Callable[[Path], None]) -> Path:
-    """Run build(temporary) in a fresh hidden sibling of `folder`; the sibling never outlives an error."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    try:
-        build(temporary)
-        _make_readable(temporary)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    return temporary
-
-
-def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder (and some writers 0600 files): give them the permissions of any new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.iterdir()]:
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _publish(built: Path, folder: Path, source: GgufSource) -> None:

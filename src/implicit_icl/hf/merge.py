@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from implicit_icl.atomic import build_staged_folder
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.apply import Patch, owner
 from implicit_icl.hf.spec import layers_of, spec_for
@@ -50,13 +50,8 @@ def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLi
             if module.bias is None:
                 module.bias = nn.Parameter(torch.zeros_like(module.weight[:, 0]), requires_grad=False)
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    staging = build_staged_folder(directory, lambda folder: _save(merged, tokenizer, folder))
     try:
-        merged.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        _normal_permissions(staging)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)
@@ -66,13 +61,10 @@ def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLi
     return directory
 
 
-def _normal_permissions(directory: Path) -> None:
-    """mkdtemp makes a 0700 folder and safetensors 0600 files; the checkpoint should read like any new folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+def _save(merged: PreTrainedModel, tokenizer, folder: Path) -> None:
+    merged.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def _new_biases(merged: PreTrainedModel, patch: Patch) -> list[nn.Module]:

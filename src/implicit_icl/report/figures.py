@@ -48,12 +48,7 @@ def plot_curves(
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    paths = []
-    for suffix in (".png", ".svg"):
-        target = Path(stem).with_suffix(suffix)
-        paths.append(write_atomically(target, lambda path, s=suffix: figure.savefig(path, format=s[1:])))
-    plt.close(figure)
-    return paths
+    return save_figure(figure, stem)
 
 
 def plot_heatmap(
@@ -84,6 +79,11 @@ def plot_heatmap(
         axis.axvline(mark, color="white", linewidth=0.8, linestyle="--", alpha=0.8)
     axis.set(xlabel=xlabel, ylabel=ylabel, title=title)
     figure.tight_layout()
+    return save_figure(figure, stem)
+
+
+def save_figure(figure, stem: Path) -> list[Path]:
+    """Write the figure as stem.png and stem.svg (each atomically), close it, and return both paths."""
     paths = []
     for suffix in (".png", ".svg"):
         target = Path(stem).with_suffix(suffix)

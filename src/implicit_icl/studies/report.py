@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from implicit_icl.atomic import write_atomically  # noqa: E402
 from implicit_icl.errors import ImplicitICLError  # noqa: E402
+from implicit_icl.report.figures import save_figure  # noqa: E402
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }
@@ -109,9 +110,4 @@ def plot_bars(stem: Path, groups: list[str], series: list[Bars], ylabel: str, ti
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8, ncol=len(series), loc="upper center")
     figure.tight_layout()
-    paths = []
-    for suffix in (".png", ".svg"):
-        target = Path(stem).with_suffix(suffix)
-        paths.append(write_atomically(target, lambda path, s=suffix: figure.savefig(path, format=s[1:])))
-    plt.close(figure)
-    return paths
+    return save_figure(figure, stem)
