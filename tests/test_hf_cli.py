@@ -140,3 +140,21 @@ def test_a_bare_base_model_without_head_is_patched_too(tmp_path):
     tiny_model("gpt2", seed=1).transformer.save_pretrained(tmp_path)
     report = _run("patch", "--model", str(tmp_path), "--context-ids", CONTEXT, "--query-ids", "7", "--dtype", "float64")
     assert report["modules"][0] == "h.0.mlp.c_fc" and report["max_abs_logit_diff"] <= 1e-9
+
+
+def test_text_prompts_on_the_default_model_work_without_model(default_model, monkeypatch):
+    """No --model: the default model and its GGUF tokenizer (the session's copy; loading is tested in test_hf_load)."""
+    from implicit_icl.hf import commands
+
+    monkeypatch.setattr(commands, "load_model", lambda name, dtype: default_model)
+    context, query = "Q: walk\nA: walked\n\nQ: eat\nA: ate\n\nQ: take\nA: took\n\n", "Q: speak\nA:"
+    report = _run("patch", "--context", context, "--query", query, "--arithmetic", "float32")
+    assert report["n_layers"] == 30 and report["top1_match"]
+    assert report["max_abs_logit_diff"] <= 1e-3 < report["baseline_max_abs_logit_diff"]
+    generated = _run("generate", "--context", context, "--query", query, "--max-new-tokens", "3")
+    assert generated["tokens_patched"] == generated["tokens_with_context"]
+    with_context = default_model.tokenizer(context + query, return_tensors="pt").input_ids
+    hf_tokens = default_model.model.generate(with_context, max_new_tokens=3, do_sample=False)[
+        0, with_context.shape[1] :
+    ]
+    assert generated["tokens_with_context"] == hf_tokens.tolist()
