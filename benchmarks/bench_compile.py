@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import wall_seconds  # noqa: E402
 
 from implicit_icl.hf.compile import CompileSettings, fit_patch, record_calibration
 from implicit_icl.hf.forward import ForwardInputs, run_model
@@ -27,12 +31,6 @@ def _model():
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-
-
-def _seconds(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def run(repeats: int = 3) -> list[tuple[str, float, str]]:
@@ -58,6 +56,6 @@ def run(repeats: int = 3) -> list[tuple[str, float, str]]:
         ("chained ridge fit (all tokens, full rank) / one padded context-ful forward", fit),
         ("ICL logits through a shared context cache / one padded context-ful forward", cached),
     ):
-        ratios = [_seconds(function) / _seconds(forward) for _ in range(repeats)]
+        ratios = [wall_seconds(function) / wall_seconds(forward) for _ in range(repeats)]
         rows.append((what, statistics.median(ratios), setting))
     return rows

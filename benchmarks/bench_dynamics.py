@@ -12,10 +12,14 @@ head on n + 1 rows, so at n = 256 the lean ratio cannot exceed ~45 with a small 
 from __future__ import annotations
 
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import wall_seconds  # noqa: E402
 
 from implicit_icl.hf.dynamics import prefix_patches
 from implicit_icl.hf.dynamics_series import layer_series
@@ -69,7 +73,7 @@ def ratios(vocab: int, repeats: int, plain: bool) -> list[tuple[str, float, str]
     seconds = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            seconds[name].append(_seconds(step))
+            seconds[name].append(wall_seconds(step))
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(seconds[a], seconds[b], strict=True))  # noqa: E731
     setting = (
         f"Llama-style, {LAYERS} layers, width {WIDTH}, vocab {vocab}, n = {CONTEXT}, 1-token query, float32, "
@@ -87,9 +91,3 @@ def ratios(vocab: int, repeats: int, plain: bool) -> list[tuple[str, float, str]
 
 def run(repeats: int = 3) -> list[tuple[str, float, str]]:
     return ratios(32_000, repeats, plain=True) + ratios(1_024, repeats, plain=False)
-
-
-def _seconds(step) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start

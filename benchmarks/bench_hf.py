@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from timing import wall_seconds  # noqa: E402
 
 from implicit_icl.hf import compute_patch, compute_patches, every_position_patches
 from implicit_icl.hf.forward import ForwardInputs, run_model
@@ -32,6 +36,7 @@ def llama_style(vocab_size: int) -> LlamaForCausalLM:
     return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
 
 
+@torch.no_grad()  # the forward pass it is measured against builds no autograd graph either
 def run(repeats: int = 5) -> list[tuple[str, float, str]]:
     rows = [row for vocab_size in VOCABULARIES for row in _ratios(vocab_size, repeats)]
     return [*rows, _batched_vs_loop(repeats)]
@@ -56,7 +61,7 @@ def _batched_vs_loop(repeats: int, n_pairs: int = 32) -> tuple[str, float, str]:
     batched = lambda: compute_patches(model, pairs, dtype=torch.float32)  # noqa: E731
     looped = lambda: [compute_patch(model, context, query, dtype=torch.float32) for context, query in pairs]  # noqa: E731
     batched(), looped()  # warm-up
-    ratios = [_seconds(looped) / _seconds(batched) for _ in range(repeats)]
+    ratios = [wall_seconds(looped) / wall_seconds(batched) for _ in range(repeats)]
     setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, {n_pairs} pairs of 53–66 tokens, float32"
     return "loop of compute_patch / one compute_patches", statistics.median(ratios), setting
 
@@ -77,17 +82,10 @@ def _ratios(vocab_size: int, repeats: int) -> list[tuple[str, float, str]]:
         step()
     ratios = {"query": [], "every": []}
     for _ in range(repeats):
-        seconds = {name: _seconds(step) for name, step in steps.items()}
+        seconds = {name: wall_seconds(step) for name, step in steps.items()}
         for name in ratios:
             ratios[name].append(seconds[name] / seconds["forward"])
     return [
         ("exact patch for the query / one context-ful forward", statistics.median(ratios["query"]), setting),
         (f"all {CONTEXT + 1} every-position patches / one forward", statistics.median(ratios["every"]), setting),
     ]
-
-
-@torch.no_grad()
-def _seconds(step) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start

@@ -16,3 +16,10 @@ def median_seconds(function: Callable[[], object], repeats: int = 7, warmup: int
         function()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def wall_seconds(function: Callable[[], object]) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start

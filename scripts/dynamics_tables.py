@@ -18,7 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-CONDITIONS = ("trained", "shuffled answers", "untrained")
+from implicit_icl.studies.dynamics import CONDITIONS
+
 SHOTS = (0, 1, 2, 4, 8)
 
 

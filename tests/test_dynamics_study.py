@@ -145,7 +145,7 @@ def test_factored_sgd_is_the_dense_gradient_step_and_leaves_the_weights_alone(fa
         for name in names:
             dense = sgd.delta(name)[0].dense()
             stepped.get_parameter(name).add_(dense.T if family == "gpt2" else dense)
-        with sgd.applied(group=1):
+        with sgd.applied():
             hooked = last_position_logits(model, ForwardInputs.padded([ids[0], ids[0]]))[0]
         torch.testing.assert_close(hooked, last_position_logits(stepped, ForwardInputs.padded([ids[0]]))[0])
 

@@ -107,7 +107,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
 
 
 def _f64(delta: Delta) -> Delta:
-    return delta.to(F64) if isinstance(delta, LowRankUpdate) else delta.to(F64)
+    return delta.to(F64)
 
 
 def _entries_last(delta: LowRankUpdate) -> LowRankUpdate:

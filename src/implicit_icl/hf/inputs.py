@@ -54,7 +54,6 @@ class PatchInput:
 
     full: Tensor
     kept: Tensor
-    drop: tuple[int, int] | None
     query_length: int
 
 
@@ -80,4 +79,4 @@ def patch_input(
     start, end = drop if drop is not None else (0, n)
     positions = torch.arange(n + query.numel())
     kept = positions[(positions < start) | (positions >= end)]
-    return PatchInput(torch.cat([context, query]), kept, drop, query.numel())
+    return PatchInput(torch.cat([context, query]), kept, query.numel())

@@ -332,7 +332,6 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
         step(f"compiled patch {index + 1}/{len(candidates)}: {setting.label}")
         attempt(setting)
     results["compiled_default"] = tried[0][3]
-    search_seconds = sum(item[4] for item in tried)
     best = max(tried, key=lambda item: _selection_key(item[2]))
     for setting, size in settings.second_stage(best[0], len(calibration.queries)):
         step(f"compiled patch: {setting.label}, {size or len(calibration.queries)} calibration queries")

@@ -2,7 +2,7 @@
 
 Input, exactly one of:
 - a built-in task (`--task`) or a task file (`--task-file`): the K demonstrations form the context; calibration,
-  dev and held-out queries are disjoint inputs of the task (`compile.split_task`);
+  dev and held-out queries are disjoint inputs of the task (`compile_splits.split_task`);
 - a context (`--context TEXT`, `--context-file F` or `--context-ids "1 2 3"`) with a calibration file (`--calibration FILE`): a JSON
   list of queries, each a string (the text that follows the context), a list of token ids, or an object
   {"query": ..., "answer": ...} whose answer is the continuation (text whose first token is scored, or a
@@ -114,7 +114,7 @@ def read_calibration(path: Path) -> list:
 
 
 def split_sizes(available: int, calibration: int, dev: int, n: int) -> tuple[int, int, int]:
-    """(dev, held-out, calibration) sizes from `available` items, by `compile.split_task`'s rule."""
+    """(dev, held-out, calibration) sizes from `available` items, by `compile_splits.split_task`'s rule."""
     n_dev = min(dev, available // 4)
     left = available - n_dev
     n_heldout, n_calibration = n, calibration

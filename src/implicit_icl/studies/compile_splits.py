@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -81,7 +81,6 @@ class Encoded:
     heldout: list[Tensor]
     dev_answers: Tensor | None
     heldout_answers: Tensor | None
-    inputs: list[str] = field(default_factory=list)  # held-out inputs, for the report
 
 
 def shuffled_labels(demonstrations: Sequence[Example], seed: int) -> list[Example]:
@@ -113,5 +112,4 @@ def encode_split(tokenizer, split: Split, seed: int = 0) -> Encoded:
     context = encode(tokenizer, Prompt(split.demonstrations, split.dev[0])).context_ids
     shuffled = encode(tokenizer, Prompt(tuple(shuffled_labels(split.demonstrations, seed)), split.dev[0])).context_ids
     calibration = [torch.tensor(token_ids(tokenizer, format_query(example.input))) for example in split.calibration]
-    inputs = [example.input for example in split.heldout]
-    return Encoded(context, shuffled, calibration, dev, heldout, dev_answers, heldout_answers, inputs)
+    return Encoded(context, shuffled, calibration, dev, heldout, dev_answers, heldout_answers)

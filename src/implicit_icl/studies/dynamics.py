@@ -171,7 +171,7 @@ def geometric(log_values: Tensor, seed: int) -> dict:
 
 
 def shrinkage(increments: Tensor) -> Tensor:
-    """log(last / first) per-shot increment [N, L, K] -> [N, L]; and all layers as one stacked matrix."""
+    """log(last / first) per-shot increment [N, L, K] -> [N, L]."""
     return increments[..., -1].log() - increments[..., 0].log()
 
 

@@ -88,8 +88,8 @@ class FactoredSGD:
         return LowRankUpdate(self.U[name], self.V[name])
 
     @contextmanager
-    def applied(self, group: int = 1, record: bool = False) -> Iterator[None]:
-        """Each module outputs W x + D_b x for the sequences of row b (`group` consecutive sequences per row).
+    def applied(self, record: bool = False) -> Iterator[None]:
+        """Each module outputs W x + D_b x for the sequences of row b (any number of consecutive sequences per row).
         record: keep every module's input and output (for `step`) and let gradients flow from the first layer."""
 
         def hook_for(name: str):
@@ -202,7 +202,7 @@ def online_sgd(
     log_probabilities, correct, alignments = [], [], []
 
     def evaluate() -> None:
-        with torch.no_grad(), sgd.applied(group):
+        with torch.no_grad(), sgd.applied():
             log_probability, right = _answer_scores(model, evaluation, answers)
         log_probabilities.append(log_probability.reshape(len(prompts), group))
         correct.append(right.reshape(len(prompts), group))

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.commands import RunOptions, token_ids
+from implicit_icl.hf.commands import ARITHMETIC_DTYPES, RunOptions, token_ids
 from implicit_icl.hf.dynamics import MEMORY_BUDGET, Trajectory, prefix_patches
 from implicit_icl.hf.dynamics_series import (
     answer_scores,
@@ -48,8 +48,6 @@ from implicit_icl.studies.dynamics_finetune import (
 )
 from implicit_icl.tasks import Task, encode, load_task_file, sample_prompts, task
 
-ARITHMETIC = {"float32": torch.float32, "float64": torch.float64}
-
 
 @dataclass(frozen=True)
 class DynamicsSettings:
@@ -71,7 +69,7 @@ class DynamicsSettings:
     memory_budget: int = MEMORY_BUDGET
 
     def __post_init__(self) -> None:
-        if self.arithmetic not in ARITHMETIC:
+        if self.arithmetic not in ARITHMETIC_DTYPES:
             raise ImplicitICLError(f"unknown --arithmetic {self.arithmetic!r}; choose float32 or float64")
         if self.shots < 2:
             raise ImplicitICLError(
@@ -96,7 +94,7 @@ def trajectory_result(
         model,
         context,
         query,
-        dtype=ARITHMETIC[settings.arithmetic],
+        dtype=ARITHMETIC_DTYPES[settings.arithmetic],
         memory_budget=settings.memory_budget,
         progress=True,
     )
@@ -129,7 +127,7 @@ def trajectory_result(
 def untrained_increments(untrained: PreTrainedModel, context, query, settings: DynamicsSettings) -> list[float]:
     """The control of context mode: the same tokens through the untrained model, increments of all layers stacked."""
     trajectory = prefix_patches(
-        untrained, context, query, dtype=ARITHMETIC[settings.arithmetic], memory_budget=settings.memory_budget
+        untrained, context, query, dtype=ARITHMETIC_DTYPES[settings.arithmetic], memory_budget=settings.memory_budget
     )
     return layer_series(untrained, trajectory).increment_norms.pow(2).sum(0).sqrt().tolist()
 

@@ -130,7 +130,7 @@ def suite_summary(tasks: list[dict]) -> dict:
     """Across tasks: how many show a strong ICL effect, and the patch's worst case."""
     return {
         "n_tasks": len(tasks),
-        "n_tasks_icl_gain_at_least_0.3": sum(t["icl_minus_zero_shot"] >= STRONG_GAIN for t in tasks),
+        f"n_tasks_icl_gain_at_least_{STRONG_GAIN}": sum(t["icl_minus_zero_shot"] >= STRONG_GAIN for t in tasks),
         "patched_equals_icl_accuracy_in_every_task": all(t["patched_accuracy"] == t["icl_accuracy"] for t in tasks),
         "patched_agreement_overall": sum(t["patched_agreement"] * t["n"] for t in tasks) / sum(t["n"] for t in tasks),
         "max_abs_logit_diff_overall": max(t["max_abs_logit_diff"] for t in tasks),

@@ -14,7 +14,7 @@ from implicit_icl.tasks.evaluate import Answers, answer_prompts, greedy_continua
 from implicit_icl.tasks.files import load_task_file
 from implicit_icl.tasks.registry import TASKS, task, task_names
 from implicit_icl.tasks.sampling import Prompt, sample_prompts
-from implicit_icl.tasks.scoring import completed_answer, first_token_correct, whole_answer_correct
+from implicit_icl.tasks.scoring import completed_answer, whole_answer_correct
 from implicit_icl.tasks.task import Example, Task, TaskKind
 from implicit_icl.tasks.template import format_context, format_query, parse_context
 
@@ -29,7 +29,6 @@ __all__ = [
     "answer_prompts",
     "completed_answer",
     "encode",
-    "first_token_correct",
     "format_context",
     "format_query",
     "greedy_continuations",

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from implicit_icl.tasks.template import SEPARATOR
-
-
-def first_token_correct(logits: Tensor, answer_tokens: Tensor | int) -> Tensor:
-    """Whether the argmax next token is the answer's first token.
-
-    logits: [..., V] at the last query position; answer_tokens: [...] (or one int) -> bool [...]
-    """
-    return logits.argmax(-1) == answer_tokens
 
 
 def completed_answer(generated_text: str) -> str:

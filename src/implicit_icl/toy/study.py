@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from implicit_icl.statistics import bootstrap
 from implicit_icl.theory import increment_norms
 from implicit_icl.toy import experiments
 from implicit_icl.toy.data import Prompts, sample_prompts
 from implicit_icl.toy.finetune import choose_step_size, finetune
 from implicit_icl.toy.model import ToyTransformer
-from implicit_icl.statistics import bootstrap
 from implicit_icl.toy.train import TrainedModel
 
 F64 = torch.float64
