@@ -20,7 +20,8 @@ import torch
 
 from implicit_icl.hf.load import load_model
 from implicit_icl.studies.compile import DEFAULT, SEARCH_RANKS, CurveSettings, StudySettings
-from implicit_icl.studies.compile_study import markdown, pilot_table, run_many, write_comparison
+from implicit_icl.studies.compile_study import pilot_table, run_many, write_comparison
+from implicit_icl.studies.report import markdown
 
 PILOT_TASKS = ("copy", "capitalize", "last_item", "adjective_comparative")  # kept out of the comparison
 TASKS = (

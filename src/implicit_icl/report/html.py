@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from implicit_icl.atomic import write_atomically
+from implicit_icl.errors import ImplicitICLError
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ def write_report(
 ) -> Path:
     """Write directory/index.html showing `summary` as a table and every figure with its caption."""
     rows = "\n".join(
-        f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(_format(value))}</td></tr>"
+        f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(cell(value))}</td></tr>"
         for key, value in summary.items()
     )
     blocks = "\n".join(
@@ -51,7 +52,23 @@ figure {{ margin: 2rem 0; }} img {{ max-width: 100%; }} figcaption {{ color: #33
     return write_atomically(Path(directory) / "index.html", lambda temporary: temporary.write_text(page))
 
 
-def _format(value: object) -> str:
+def cell(value: object) -> str:
+    """A table cell: floats with 3 significant digits (scientific when tiny or huge)."""
     if isinstance(value, float):
         return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
     return str(value)
+
+
+def markdown(header: list[str], rows: list[list[object]]) -> str:
+    """A Markdown table; a "|" inside a cell is escaped."""
+
+    def line(cells: list[object]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse, before any work, an --out that names a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ImplicitICLError(f"--out {out} is a file, not a folder; give a folder for the report")

@@ -170,12 +170,6 @@ def _bytes(size: float) -> str:
     return f"{size:.0f} B"
 
 
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 # --- curves ------------------------------------------------------------------------------------------------
 
 

@@ -25,13 +25,13 @@ from implicit_icl.studies.compile_report import (
     MAIN,
     aggregate,
     cost_table,
-    markdown,
     metric_table,
     plot_run_curves,
     run_record,
     write_study_report,
 )
 from implicit_icl.studies.compile_splits import encode_split, split_task
+from implicit_icl.studies.report import markdown
 from implicit_icl.tasks import task
 
 

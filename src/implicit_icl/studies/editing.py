@@ -31,9 +31,8 @@ from implicit_icl.hf.queries import context_logits, reduced_logits
 from implicit_icl.report import write_json
 from implicit_icl.statistics import bootstrap
 from implicit_icl.studies.compile import BIAS_SEARCH, DEFAULT
-from implicit_icl.studies.compile_report import markdown
 from implicit_icl.studies.facts import FACTS, Fact
-from implicit_icl.studies.report import Page
+from implicit_icl.studies.report import Page, markdown
 from implicit_icl.tasks import format_query
 from implicit_icl.tasks.encoding import token_ids
 

@@ -16,8 +16,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from implicit_icl.atomic import write_atomically  # noqa: E402
-from implicit_icl.errors import ImplicitICLError  # noqa: E402
 from implicit_icl.report.figures import save_figure  # noqa: E402
+from implicit_icl.report.html import cell, check_out_folder, markdown  # noqa: E402, F401 (re-exported)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }
@@ -28,19 +28,6 @@ caption { caption-side: bottom; text-align: left; color: #333; font-size: 0.9rem
 figure { margin: 1.5rem 0; } img { max-width: 100%; } figcaption { color: #333; font-size: 0.9rem; }
 code, pre { background: #f4f4f4; padding: 0 0.2rem; } pre { padding: 0.6rem; overflow-x: auto; }
 """
-
-
-def check_out_folder(out: Path) -> None:
-    """Refuse, before any work, an --out that names a file."""
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ImplicitICLError(f"--out {out} is a file, not a folder; give a folder for the report")
-
-
-def cell(value: object) -> str:
-    """A table cell: floats with 3 significant digits (scientific when tiny or huge)."""
-    if isinstance(value, float):
-        return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.2e}"
-    return str(value)
 
 
 @dataclass

@@ -20,7 +20,7 @@ from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.report import write_json
 from implicit_icl.studies.evaluate import EvaluationSettings, score_task, task_prompts
 from implicit_icl.studies.metrics import STRONG_GAIN, suite_summary, task_metrics
-from implicit_icl.studies.report import Bars, Page, check_out_folder, plot_bars
+from implicit_icl.studies.report import Bars, Page, check_out_folder, markdown, plot_bars
 from implicit_icl.tasks import TASKS, Prompt, Task, load_task_file, task
 from implicit_icl.tasks.template import DEMONSTRATION, QUERY
 from implicit_icl.toy.progress import progress_bar
@@ -157,13 +157,7 @@ def settings_line(result: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     """The table of tasks in Markdown (for a README or a model card), headed by the settings."""
-    header, rows = task_rows(result)
-
-    def line(cells: list[object]) -> str:
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-    lines = [f"{settings_line(result)}.", "", line(header), "|" + "---|" * len(header), *map(line, rows)]
-    return "\n".join(lines) + "\n"
+    return f"{settings_line(result)}.\n\n" + markdown(*task_rows(result)) + "\n"
 
 
 def write_evaluation_report(out: Path, result: dict) -> Path:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from implicit_icl.errors import ImplicitICLError
 from implicit_icl.report import write_json, write_report
+from implicit_icl.report.html import check_out_folder
 from implicit_icl.statistics import bootstrap, interval_text
 from implicit_icl.toy import figures
 from implicit_icl.toy.model import ToyConfig
@@ -39,7 +39,7 @@ SGD_RULE = "lowest test loss averaged over i = 1..N on held-out tasks, over the 
 def reproduce(out: Path, quick: bool = False, seed: int = 0) -> dict:
     """--quick: the shipped checkpoint and fewer prompts; otherwise train from scratch with `seed` first."""
     start = time.perf_counter()
-    _check_out(out)
+    check_out_folder(out)
     if quick:
         trained = load_trained(SHIPPED_CHECKPOINT)
     else:
@@ -136,7 +136,7 @@ def demo(
     """The key figures on the shipped checkpoint in seconds: exactness at every checkpoint (on the first
     `n_agreement_prompts` test prompts: float64 at 21 checkpoints is the slow part), error vs k on `n_prompts`;
     the model against the baselines at k = N on `n_full_context_prompts` more prompts."""
-    _check_out(out)
+    check_out_folder(out)
     trained = load_trained(SHIPPED_CHECKPOINT)
     study = StudyConfig(n_test_prompts=n_prompts, n_held_out_prompts=1, n_full_context_prompts=n_full_context_prompts)
     sets = evaluation_sets(trained, study)
@@ -171,11 +171,6 @@ def _least_squares_floor(least_squares: Tensor, full_context_share: float) -> fl
     """The least-squares error/d of the training objective: k = N for a share of prompts, else uniform."""
     share = full_context_share
     return (share * least_squares[-1] + (1 - share) * least_squares[1:].mean()).item()
-
-
-def _check_out(out: Path) -> None:
-    if Path(out).exists() and not Path(out).is_dir():
-        raise ImplicitICLError(f"--out {out} is a file, not a folder; give a folder for the report")
 
 
 def _intro(trained: TrainedModel, study: StudyConfig) -> str:
