@@ -28,6 +28,7 @@ def test_the_demo_prints_and_writes_what_the_model_computes(default_model, monke
     result = runner.invoke(app, ["demo", "--out", str(tmp_path), *REDUCED])
     assert result.exit_code == 0, result.stderr
     printed = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "first-token accuracy [bootstrap 95%]" in printed  # brackets printed, not taken as rich markup
 
     model, tokenizer = default_model.model, default_model.tokenizer
     encoded = encode(tokenizer, demo.DEMO_PROMPT)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from implicit_icl.atomic import write_atomically
@@ -139,7 +140,7 @@ def print_evaluation(console: Console, result: dict) -> None:
 
 def evaluation_table(result: dict) -> Table:
     header, rows = task_rows(result)
-    table = Table(title=settings_line(result))
+    table = Table(title=escape(settings_line(result)))  # its "[bootstrap 95%]" is not rich markup
     for index, column in enumerate(header):
         table.add_column(column, justify="left" if index < 2 else "right")
     for row in rows:
