@@ -67,10 +67,7 @@ def token_ids(
         options = f"--{what}, --{what}-file or --{what}-ids" if what == "context" else f"--{what} or --{what}-ids"
         raise ImplicitICLError(f"give exactly one of {options} (got {len(given)})")
     if ids is not None:
-        try:
-            return torch.tensor([int(token) for token in ids.replace(",", " ").split()], dtype=torch.long)
-        except ValueError:
-            raise ImplicitICLError(f"--{what}-ids must be integers separated by spaces, got {ids!r}") from None
+        return parse_ids(ids, f"--{what}-ids")
     if text_file is not None:
         try:
             text = Path(text_file).read_text()
@@ -82,6 +79,14 @@ def token_ids(
     if what == "context":
         plain = _with_leading_special_tokens(loaded.tokenizer, text, plain)
     return torch.tensor(plain, dtype=torch.long)
+
+
+def parse_ids(ids: str, option: str) -> torch.Tensor:
+    """Token ids separated by spaces (or commas) -> LongTensor [T]; one ImplicitICLError line otherwise."""
+    try:
+        return torch.tensor([int(token) for token in ids.replace(",", " ").split()], dtype=torch.long)
+    except ValueError:
+        raise ImplicitICLError(f"{option} must be integers separated by spaces, got {ids!r}") from None
 
 
 def _with_leading_special_tokens(tokenizer, text: str, plain: list[int]) -> list[int]:

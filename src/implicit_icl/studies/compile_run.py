@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf.commands import parse_ids
 from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.hf.merge import save_merged
 from implicit_icl.studies.compile import CurveSettings, StudySettings
@@ -138,12 +139,7 @@ def encode_items(loaded: LoadedModel, source: Source, items: list, settings: Stu
             raise ImplicitICLError(f"{loaded.name} has no tokenizer; give {what} as token ids")
 
     if source.context_ids is not None:
-        try:
-            context = torch.tensor([int(t) for t in source.context_ids.replace(",", " ").split()], dtype=torch.long)
-        except ValueError:
-            raise ImplicitICLError(
-                f"--context-ids must be integers separated by spaces, got {source.context_ids!r}"
-            ) from None
+        context = parse_ids(source.context_ids, "--context-ids")
     else:
         need_tokenizer("the context")
         context = None
