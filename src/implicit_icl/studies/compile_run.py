@@ -31,7 +31,7 @@ from implicit_icl.studies.compile import run_split as run_methods
 from implicit_icl.studies.compile_report import aggregate, plot_run_curves, run_record, write_study_report
 from implicit_icl.studies.compile_splits import Encoded, encode_split, shuffled_labels, split_task
 from implicit_icl.tasks import Task, format_context, load_task_file, parse_context, task
-from implicit_icl.tasks.encoding import token_ids
+from implicit_icl.tasks.encoding import split_ids, token_ids
 from implicit_icl.toy.progress import progress_bar
 
 CONTRACT = {  # JSON key -> (method, metric) of the pooled metrics
@@ -149,16 +149,10 @@ def encode_items(loaded: LoadedModel, source: Source, items: list, settings: Stu
         if isinstance(query, list):
             return torch.tensor(query, dtype=torch.long)
         need_tokenizer("the queries")
-        alone = token_ids(tokenizer, query)
         if source.context is None:
-            return torch.tensor(alone)
-        whole = token_ids(tokenizer, source.context + query)
-        split = len(whole) - len(alone)
-        if split <= 0 or whole[split:] != alone:
-            raise ImplicitICLError(
-                f"the tokenizer merges the end of the context with the query {query!r}; end the context with a newline"
-            )
-        ids = torch.tensor(whole[:split])
+            return torch.tensor(token_ids(tokenizer, query))
+        before, alone = split_ids(tokenizer, source.context, query)
+        ids = torch.tensor(before)
         if context is None:
             context = ids
         elif not torch.equal(context, ids):

@@ -34,7 +34,7 @@ from implicit_icl.studies.compile import BIAS_SEARCH, DEFAULT
 from implicit_icl.studies.facts import FACTS, Fact
 from implicit_icl.studies.report import Page, markdown
 from implicit_icl.tasks import format_query
-from implicit_icl.tasks.encoding import token_ids
+from implicit_icl.tasks.encoding import split_ids, token_ids
 
 METHODS = {
     "unedited": "unedited (no context)",
@@ -68,12 +68,12 @@ def encode_fact(tokenizer, fact: Fact) -> EncodedFact:
     questions = [fact.question, *fact.paraphrases, *(question for question, _ in fact.neighbours), *fact.phrasings]
     context, queries = None, []
     for question in questions:
-        query = token_ids(tokenizer, format_query(question))
-        whole = token_ids(tokenizer, context_text + format_query(question))
-        split = len(whole) - len(query)
-        if whole[split:] != query or (context is not None and whole[:split] != context):
-            raise ImplicitICLError(f"the tokenizer merges the statement of {fact.statement!r} with its question")
-        context = whole[:split]
+        before, query = split_ids(tokenizer, context_text, format_query(question))
+        if context is not None and before != context:
+            raise ImplicitICLError(
+                f"the tokenizer reads the statement {fact.statement!r} differently before its questions"
+            )
+        context = before
         queries.append(torch.tensor(query))
     new, true = _first_token(tokenizer, fact.new), _first_token(tokenizer, fact.true)
     if new == true:

@@ -50,18 +50,25 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def split_ids(tokenizer: PreTrainedTokenizerBase, context: str, query: str) -> tuple[list[int], list[int]]:
+    """The ids of context + query tokenized whole, cut where the query's own ids begin: (context ids, query
+    ids). ImplicitICLError when the tokenizer merges the two across the boundary."""
+    alone = token_ids(tokenizer, query)
+    whole = token_ids(tokenizer, context + query)
+    split = len(whole) - len(alone)
+    if split < 0 or whole[split:] != alone:
+        raise ImplicitICLError(
+            f"the tokenizer merges the end of the context with the start of the query {query!r}, so the query's "
+            "tokens differ with and without the context; end the context with a newline"
+        )
+    return whole[:split], alone
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> EncodedPrompt:
     """The prompt's context, query and answer ids under `tokenizer` (see the module docstring for the split)."""
-    query = token_ids(tokenizer, prompt.query_text)
-    whole = token_ids(tokenizer, prompt.text)
-    context_length = len(whole) - len(query)
-    if context_length < 0 or whole[context_length:] != query:
-        raise ImplicitICLError(
-            "this tokenizer merges the end of the context with the start of the query, so the query's tokens "
-            "differ with and without the context; use a tokenizer that splits before 'Q:'"
-        )
+    context, query = split_ids(tokenizer, prompt.context_text, prompt.query_text)
     answer = token_ids(tokenizer, prompt.answer_text)
-    return EncodedPrompt(as_ids(whole[:context_length]), as_ids(query), as_ids(answer))
+    return EncodedPrompt(as_ids(context), as_ids(query), as_ids(answer))
 
 
 def as_ids(ids: list[int]) -> Tensor:
