@@ -238,14 +238,15 @@ def concatenate(patches: Sequence[PatchData]) -> PatchData:
     first = patches[0]
     if not all(patch.batched for patch in patches):
         raise ImplicitICLError("only batched patches can be concatenated; they have an entry dimension")
-    deltas = {}
-    for name, delta in first.deltas.items():
-        parts = [patch.deltas[name] for patch in patches]
-        if isinstance(delta, LowRankUpdate):
-            deltas[name] = LowRankUpdate(torch.cat([p.U for p in parts]), torch.cat([p.V for p in parts]))
-        else:
-            deltas[name] = torch.cat(parts)
+    deltas = {name: concatenate_deltas([patch.deltas[name] for patch in patches]) for name in first.deltas}
     return replace(first, deltas=deltas, sources=sum((patch.sources for patch in patches), ()))
+
+
+def concatenate_deltas(deltas: Sequence[Delta]) -> Delta:
+    """Deltas of one parameter with a leading entry dimension, joined on it (factors for low-rank ones)."""
+    if isinstance(deltas[0], LowRankUpdate):
+        return LowRankUpdate(torch.cat([d.U for d in deltas]), torch.cat([d.V for d in deltas]))
+    return torch.cat(list(deltas))
 
 
 def layer_index(name: str) -> int | None:

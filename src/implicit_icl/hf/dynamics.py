@@ -42,8 +42,7 @@ from implicit_icl.hf.construct import assemble_patch, chain_patches, check_setti
 from implicit_icl.hf.forward import ForwardInputs, custom_attention_mask, model_attention_mask, model_device
 from implicit_icl.hf.inputs import TokenIds, as_token_ids, check_length
 from implicit_icl.hf.spec import FamilySpec, layers_of, spec_for
-from implicit_icl.patch import Source, concatenate
-from implicit_icl.theory import LowRankUpdate
+from implicit_icl.patch import Source, concatenate, concatenate_deltas
 
 MEMORY_BUDGET = 1 << 30  # bytes for one chunk's attention (scores, mask) in the context-ful pass
 METHODS = ("auto", "one pass", "loop")
@@ -290,7 +289,7 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
             chain_patches(model, spec, _entry(states, j), _row(reduced, j), output, dtype, feed_context_inputs=False)
             for j in range(len(prefixes))
         ]
-        deltas = {name: _cat([entry[name] for entry in entries]) for name in entries[0]}
+        deltas = {name: concatenate_deltas([entry[name] for entry in entries]) for name in entries[0]}
     else:
         deltas = chain_patches(model, spec, states, reduced, output, dtype, feed_context_inputs=q == 1)
     sources = [Source(tuple(context[:p].tolist()), tuple(query.tolist()), tuple(range(p, p + q))) for p in prefixes]
@@ -312,12 +311,6 @@ def _entry(states: ContextStates, j: int) -> ContextStates:
 
 def _row(inputs: ForwardInputs, j: int) -> ForwardInputs:
     return ForwardInputs.plain(inputs.input_ids[j : j + 1], inputs.position_ids[j : j + 1])
-
-
-def _cat(deltas: list) -> object:
-    if isinstance(deltas[0], LowRankUpdate):
-        return LowRankUpdate(torch.cat([d.U for d in deltas]), torch.cat([d.V for d in deltas]))
-    return torch.cat(deltas)
 
 
 class _Reading:
