@@ -64,12 +64,12 @@ def test_cached_context_and_reduced_runs_equal_plain_forward_passes(family):
 # --- exactness where the theory says so --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("output", ["down", "bias"])
+@pytest.mark.parametrize(
+    ("family", "output"),
+    [(f, o) for f in FAMILIES for o in ("down", "bias") if (f, o) != ("phi3", "bias")],  # phi3 bias: llama's wiring
+)
 def test_one_calibration_query_gives_its_exact_patch(family, output):
     """K = 1, its last token, λ = 0, full rank: every fit is the exact rank-1 patch (docs/theory.md §7)."""
-    if output == "bias" and family == "phi3":
-        pytest.skip("same wiring as llama")
     model = tiny_model(family, dtype=torch.float64)
     context, (query,) = _ids(1, 1, lengths=(5,))
     compiled = compile_patch(

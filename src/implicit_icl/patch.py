@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -152,7 +152,7 @@ class PatchData:
     @property
     def modules(self) -> list[str]:
         """Names of the modules the patch changes, in layer order."""
-        return list(dict.fromkeys(name.rsplit(".", 1)[0] for name in self.deltas))
+        return modules_of(self.deltas)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write patch.safetensors and patch.json into `directory`, each atomically; the checksum in
@@ -247,6 +247,12 @@ def concatenate_deltas(deltas: Sequence[Delta]) -> Delta:
     if isinstance(deltas[0], LowRankUpdate):
         return LowRankUpdate(torch.cat([d.U for d in deltas]), torch.cat([d.V for d in deltas]))
     return torch.cat(list(deltas))
+
+
+def modules_of(parameter_names: Iterable[str]) -> list[str]:
+    """The modules owning these parameters ("model.layers.3.mlp.up_proj.weight" -> "model.layers.3.mlp.up_proj"),
+    each once, in order."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[0] for name in parameter_names))
 
 
 def layer_index(name: str) -> int | None:

@@ -42,7 +42,7 @@ from implicit_icl.hf.forward import ForwardInputs, StopForward, model_device, ru
 from implicit_icl.hf.inputs import as_token_ids, check_length
 from implicit_icl.hf.queries import checked_queries, reduced_inputs
 from implicit_icl.hf.spec import FamilySpec, layers_of, layers_path, spec_for
-from implicit_icl.patch import Delta
+from implicit_icl.patch import Delta, modules_of
 from implicit_icl.theory import LowRankUpdate
 from implicit_icl.theory.least_squares import (
     best_rank_fit,
@@ -212,7 +212,7 @@ def fit_patch(
             if isinstance(delta, LowRankUpdate) and settings.rank is not None and settings.truncation == "after":
                 delta = _truncate(delta, fit.inputs.get(name), fit.ridges[name], settings)
             deltas[f"{prefix}.{index}.{name}"] = delta.to(dtype)
-    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in deltas))
+    modules = modules_of(deltas)
     notes = dict(
         method="compiled",
         **asdict(settings),

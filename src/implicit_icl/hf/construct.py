@@ -40,7 +40,7 @@ from implicit_icl.hf.forward import ForwardInputs, StopForward, model_device, ru
 from implicit_icl.hf.inputs import PatchInput, TokenIds, as_token_ids, check_length, patch_input
 from implicit_icl.hf.moe import ExpertsConstruction
 from implicit_icl.hf.spec import OUTPUT_SIDES, FamilySpec, layers_of, layers_path, spec_for
-from implicit_icl.patch import Delta, Source, concatenate
+from implicit_icl.patch import Delta, Source, concatenate, modules_of
 from implicit_icl.theory import LowRankUpdate, output_rank_one, scale_reaching, stable_norm_scale_patch
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
@@ -148,7 +148,7 @@ def _source(item: PatchInput) -> Source:
 
 def assemble_patch(model, deltas, output, dtype, sources: list[Source], drop) -> Patch:
     """The batched Patch of `deltas` (full parameter names), with its sources and the model's fingerprint."""
-    modules = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in deltas))
+    modules = modules_of(deltas)
     return Patch(
         deltas=deltas,
         family=model.config.model_type,
