@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import wall_seconds  # noqa: E402
+from timing import llama_style, wall_seconds  # noqa: E402
 
 from implicit_icl.hf.compile import CompileSettings, fit_patch, record_calibration
 from implicit_icl.hf.forward import ForwardInputs, run_model
@@ -20,17 +19,7 @@ LAYERS, WIDTH, VOCAB, CONTEXT, QUERIES = 8, 512, 32_000, 50, 64
 
 
 def _model():
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=1376,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return llama_style(LAYERS, WIDTH, 1376, 8, 2, VOCAB, positions=256)
 
 
 def run(repeats: int = 3) -> list[tuple[str, float, str]]:

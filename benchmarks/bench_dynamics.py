@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import wall_seconds  # noqa: E402
+from timing import llama_style, wall_seconds  # noqa: E402
 
 from implicit_icl.hf.dynamics import prefix_patches
 from implicit_icl.hf.dynamics_series import layer_series
@@ -27,18 +26,8 @@ from implicit_icl.hf.dynamics_series import layer_series
 LAYERS, WIDTH, CONTEXT = 4, 256, 256
 
 
-def llama_style(vocab_size: int):
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=WIDTH,
-        intermediate_size=688,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2 * CONTEXT,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+def model_of(vocab_size: int):
+    return llama_style(LAYERS, WIDTH, 688, 4, 4, vocab_size, positions=2 * CONTEXT)
 
 
 @torch.no_grad()
@@ -57,7 +46,7 @@ def one_pass(model, context, query, verify: bool) -> None:
 def ratios(vocab: int, repeats: int, plain: bool) -> list[tuple[str, float, str]]:
     """Each repeat times the loops and the one pass back to back (load drifting on a shared machine hits them
     alike); the median of the per-repeat ratios."""
-    model = llama_style(vocab)
+    model = model_of(vocab)
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(0, vocab, (CONTEXT,), generator=generator)
     query = torch.randint(0, vocab, (1,), generator=generator)

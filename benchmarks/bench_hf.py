@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import wall_seconds  # noqa: E402
+from timing import llama_style, wall_seconds  # noqa: E402
 
 from implicit_icl.hf import compute_patch, compute_patches, every_position_patches
 from implicit_icl.hf.forward import ForwardInputs, run_model
@@ -21,19 +20,9 @@ LAYERS, WIDTH, CONTEXT = 8, 512, 512
 VOCABULARIES = (32_000, 1_024)
 
 
-def llama_style(vocab_size: int) -> LlamaForCausalLM:
-    """8 layers, width 512, grouped-query attention, float32, eager attention as in every exactness check."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=WIDTH,
-        intermediate_size=1376,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=2 * CONTEXT,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+def model_of(vocab_size: int):
+    """8 layers, width 512, grouped-query attention."""
+    return llama_style(LAYERS, WIDTH, 1376, 8, 2, vocab_size, positions=2 * CONTEXT)
 
 
 @torch.no_grad()  # the forward pass it is measured against builds no autograd graph either
@@ -45,7 +34,7 @@ def run(repeats: int = 5) -> list[tuple[str, float, str]]:
 def _batched_vs_loop(repeats: int, n_pairs: int = 32) -> tuple[str, float, str]:
     """compute_patches on 32 (context, query) pairs of ~60 tokens (contexts of 50–60, queries of 3–6, as in a
     few-shot evaluation) against one compute_patch per pair; medians of back-to-back ratios."""
-    model = llama_style(VOCABULARIES[0])
+    model = model_of(VOCABULARIES[0])
     generator = torch.Generator().manual_seed(1)
     lengths = (
         torch.randint(50, 61, (n_pairs,), generator=generator),
@@ -69,7 +58,7 @@ def _batched_vs_loop(repeats: int, n_pairs: int = 32) -> tuple[str, float, str]:
 def _ratios(vocab_size: int, repeats: int) -> list[tuple[str, float, str]]:
     """Each repeat times one forward, one query patch and one every-position pass back to back; the
     median of the per-repeat ratios is robust to load that drifts on a shared machine."""
-    model = llama_style(vocab_size)
+    model = model_of(vocab_size)
     ids = torch.randint(0, vocab_size, (CONTEXT + 1,), generator=torch.Generator().manual_seed(0))
     setting = f"Llama-style, {LAYERS} layers, width {WIDTH}, vocab {vocab_size}, {CONTEXT}-token context, float32"
     # The reference is the forward pass the engine itself makes: eager attention, explicit positions and mask.

@@ -26,6 +26,9 @@ class Estimate:
         }
 
 
+N_RESAMPLES = 2000  # bootstrap resamples of the real-model studies' intervals
+
+
 def bootstrap(values: Tensor, generator: torch.Generator, n_resamples: int = 200) -> Estimate:
     """values: [B] or [B, n_points], one row per prompt; resamples prompts with replacement."""
     values = values.double().reshape(values.shape[0], -1)

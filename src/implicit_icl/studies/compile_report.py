@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from implicit_icl.report import Curve, plot_curves, write_json
+from implicit_icl.statistics import N_RESAMPLES
 from implicit_icl.studies.report import Bars, Page, plot_bars
 
-N_RESAMPLES = 2000
 MIN_GAIN = 0.2
 LABELS = {
     "zero_shot": "zero-shot",

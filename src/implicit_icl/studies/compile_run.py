@@ -29,7 +29,7 @@ from implicit_icl.hf.merge import save_merged
 from implicit_icl.studies.compile import CurveSettings, StudySettings
 from implicit_icl.studies.compile import run_split as run_methods
 from implicit_icl.studies.compile_report import aggregate, plot_run_curves, run_record, write_study_report
-from implicit_icl.studies.compile_splits import Encoded, encode_split, shuffled_labels, split_task
+from implicit_icl.studies.compile_splits import Encoded, encode_split, shuffled_labels, split_sizes, split_task
 from implicit_icl.tasks import Task, format_context, load_task_file, parse_context, task
 from implicit_icl.tasks.encoding import split_ids, token_ids
 from implicit_icl.toy.progress import progress_bar
@@ -114,25 +114,14 @@ def read_calibration(path: Path) -> list:
     return items
 
 
-def split_sizes(available: int, calibration: int, dev: int, n: int) -> tuple[int, int, int]:
-    """(dev, held-out, calibration) sizes from `available` items, by `compile_splits.split_task`'s rule."""
-    n_dev = min(dev, available // 4)
-    left = available - n_dev
-    n_heldout, n_calibration = n, calibration
-    if n + calibration > left:
-        n_heldout = min(n, (left + 1) // 2)
-        n_calibration = min(calibration, left - n_heldout)
-    if min(n_dev, n_heldout, n_calibration) < 1:
-        raise ImplicitICLError(f"{available} queries are too few for ≥ 1 dev, held-out and calibration query each")
-    return n_dev, n_heldout, n_calibration
-
-
 def encode_items(loaded: LoadedModel, source: Source, items: list, settings: StudySettings) -> Encoded:
     """The ids of a free context and of its calibration file's queries, split into dev / held-out / calibration."""
     tokenizer, vocab = loaded.tokenizer, loaded.model.config.vocab_size
     items = list(items)
     random.Random(f"compile:calibration:{settings.seed}").shuffle(items)
     n_dev, n_heldout, n_calibration = split_sizes(len(items), settings.calibration, settings.dev, settings.n)
+    if min(n_dev, n_heldout, n_calibration) < 1:
+        raise ImplicitICLError(f"{len(items)} queries are too few for ≥ 1 dev, held-out and calibration query each")
 
     def need_tokenizer(what: str):
         if tokenizer is None:

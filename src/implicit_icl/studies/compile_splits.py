@@ -47,12 +47,7 @@ def split_task(task: Task, shots: int, calibration: int, dev: int, n: int, conte
     rng.shuffle(pool)
     demonstrations, rest = pool[:shots], pool[shots:]
     random.Random(f"compile:{task.name}:context:{context}:seed:{seed}").shuffle(rest)
-    n_dev = min(dev, len(rest) // 4)
-    left = len(rest) - n_dev
-    n_heldout, n_calibration = n, calibration
-    if n + calibration > left:
-        n_heldout = min(n, (left + 1) // 2)
-        n_calibration = min(calibration, left - n_heldout)
+    n_dev, n_heldout, n_calibration = split_sizes(len(rest), calibration, dev, n)
     if min(n_dev, n_heldout, n_calibration) < 1 or len(demonstrations) < shots:
         raise ImplicitICLError(
             f"task {task.name!r} has {len(pool)} inputs, too few for {shots} demonstrations and ≥ 1 dev, held-out "
@@ -66,6 +61,18 @@ def split_task(task: Task, shots: int, calibration: int, dev: int, n: int, conte
         tuple(rest[n_dev : n_dev + n_heldout]),
         shrunk=(n_heldout, n_calibration, n_dev) != (n, calibration, dev),
     )
+
+
+def split_sizes(available: int, calibration: int, dev: int, n: int) -> tuple[int, int, int]:
+    """(dev, held-out, calibration) sizes from `available` items: dev keeps its size (at most a quarter), and
+    held-out and calibration share the rest, held-out first up to half. A size can come out 0."""
+    n_dev = min(dev, available // 4)
+    left = available - n_dev
+    n_heldout, n_calibration = n, calibration
+    if n + calibration > left:
+        n_heldout = min(n, (left + 1) // 2)
+        n_calibration = min(calibration, left - n_heldout)
+    return n_dev, n_heldout, n_calibration
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,10 @@ from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.dynamics import Trajectory, prefix_patches
 from implicit_icl.hf.dynamics_series import answer_scores, input_side_names, layer_series
 from implicit_icl.hf.spec import spec_for
-from implicit_icl.statistics import bootstrap
+from implicit_icl.statistics import N_RESAMPLES, bootstrap
 from implicit_icl.tasks import Example, Prompt, encode
 from implicit_icl.theory import LowRankUpdate
 
-N_RESAMPLES = 2000
 CONDITIONS = ("trained", "shuffled answers", "untrained")
 
 

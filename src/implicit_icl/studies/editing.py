@@ -29,7 +29,7 @@ from implicit_icl.hf.construct import compute_patches
 from implicit_icl.hf.load import LoadedModel
 from implicit_icl.hf.queries import context_logits, reduced_logits
 from implicit_icl.report import write_json
-from implicit_icl.statistics import bootstrap
+from implicit_icl.statistics import N_RESAMPLES, bootstrap
 from implicit_icl.studies.compile import BIAS_SEARCH, DEFAULT
 from implicit_icl.studies.facts import FACTS, Fact
 from implicit_icl.studies.report import Page, markdown
@@ -125,7 +125,7 @@ def run_editing(loaded: LoadedModel, out: Path | None = None, facts=FACTS, seed:
         entry = {}
         for metric, part in parts.items():
             values = torch.cat([result[name][part] for result in per_fact]).double()
-            estimate = bootstrap(values, torch.Generator().manual_seed(seed), 2000)
+            estimate = bootstrap(values, torch.Generator().manual_seed(seed), N_RESAMPLES)
             entry[metric] = float(estimate.mean[0])
             entry[f"{metric}_ci95"] = [float(estimate.low[0]), float(estimate.high[0])]
             entry[f"{metric}_prompts"] = values.numel()

@@ -9,11 +9,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from implicit_icl.statistics import bootstrap
+from implicit_icl.statistics import N_RESAMPLES, bootstrap
 from implicit_icl.studies.evaluate import EvaluationSettings, Scores
 from implicit_icl.tasks import Prompt, Task, completed_answer, whole_answer_correct
 
-N_RESAMPLES = 2000
 STRONG_GAIN = 0.3  # ICL − zero-shot first-token accuracy that counts as a strong in-context effect
 SIDES = ("zero_shot", "icl", "patched")
 N_EXAMPLES = 3  # prompts shown with their answers in the report
