@@ -94,13 +94,13 @@ def test_one_pass_equals_the_loop_on_the_default_model(default_model, antonym_pr
                 assert (got - expected).abs().max() <= 1e-9 * (1 + expected.abs().max()), name
 
 
-def test_shuffled_answers_permute_the_outputs_and_keep_the_query():
+def test_shuffled_answers_move_every_output_and_keep_the_query():
     prompt = sample_prompts(task("present_past"), 5, 1, seed=3)[0]
     for seed in range(20):
         shuffled = shuffled_answers(prompt, random.Random(seed))
         assert [s.input for s in shuffled.shots] == [s.input for s in prompt.shots] and shuffled.query == prompt.query
         assert sorted(s.output for s in shuffled.shots) == sorted(s.output for s in prompt.shots)
-        assert [s.output for s in shuffled.shots] != [s.output for s in prompt.shots]
+        assert all(new.output != old.output for new, old in zip(shuffled.shots, prompt.shots, strict=True))
     with pytest.raises(ImplicitICLError, match="at least 2 demonstrations"):
         shuffled_answers(Prompt((Example("go", "went"),), prompt.query), random.Random(0))
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.tasks import Example, Task, encode, format_query
+from implicit_icl.tasks import Example, Task, encode, format_query, with_outputs_deranged
 from implicit_icl.tasks.encoding import token_ids
 from implicit_icl.tasks.sampling import Prompt
 
@@ -92,14 +92,7 @@ class Encoded:
 
 def shuffled_labels(demonstrations: Sequence[Example], seed: int) -> list[Example]:
     """The demonstrations with their outputs permuted so that none keeps its own (where outputs differ)."""
-    outputs = [example.output for example in demonstrations]
-    order = list(range(len(outputs)))
-    random.Random(f"shuffled:{seed}").shuffle(order)
-    rotated = order[1:] + order[:1]  # a cycle through a random order: every position moves
-    permuted = [None] * len(outputs)
-    for source, target in zip(order, rotated, strict=True):
-        permuted[target] = outputs[source]
-    return [Example(example.input, output) for example, output in zip(demonstrations, permuted, strict=True)]
+    return with_outputs_deranged(demonstrations, random.Random(f"shuffled:{seed}"))
 
 
 def encode_split(tokenizer, split: Split, seed: int = 0) -> Encoded:

@@ -32,7 +32,7 @@ from implicit_icl.hf.dynamics import Trajectory, prefix_patches
 from implicit_icl.hf.dynamics_series import answer_scores, input_side_names, layer_series
 from implicit_icl.hf.spec import spec_for
 from implicit_icl.statistics import N_RESAMPLES, bootstrap
-from implicit_icl.tasks import Example, Prompt, encode
+from implicit_icl.tasks import Prompt, encode, with_outputs_deranged
 from implicit_icl.theory import LowRankUpdate
 
 CONDITIONS = ("trained", "shuffled answers", "untrained")
@@ -59,17 +59,9 @@ def demonstration_boundaries(tokenizer: PreTrainedTokenizerBase, prompt: Prompt)
 
 
 def shuffled_answers(prompt: Prompt, rng: random.Random) -> Prompt:
-    """The prompt with its demonstrations' outputs permuted among them (never left in place for K ≥ 2); the
-    query and its right answer stay. For K < 2 there is nothing to shuffle."""
-    shots = prompt.shots
-    if len(shots) < 2:
-        raise ImplicitICLError("shuffling answers needs at least 2 demonstrations; use --shots 2 or more")
-    order = list(range(len(shots)))
-    while order == list(range(len(shots))):
-        rng.shuffle(order)
-    return Prompt(
-        tuple(Example(shot.input, shots[j].output) for shot, j in zip(shots, order, strict=True)), prompt.query
-    )
+    """The prompt with its demonstrations' outputs moved so that none keeps its own (`with_outputs_deranged`);
+    the query and its right answer stay."""
+    return Prompt(tuple(with_outputs_deranged(prompt.shots, rng)), prompt.query)
 
 
 def untrained_model(model: PreTrainedModel, seed: int) -> PreTrainedModel:

@@ -13,7 +13,7 @@ from implicit_icl.tasks.encoding import EncodedPrompt, encode
 from implicit_icl.tasks.evaluate import Answers, answer_prompts, greedy_continuations, next_token_logits
 from implicit_icl.tasks.files import load_task_file
 from implicit_icl.tasks.registry import TASKS, task, task_names
-from implicit_icl.tasks.sampling import Prompt, sample_prompts
+from implicit_icl.tasks.sampling import Prompt, sample_prompts, with_outputs_deranged
 from implicit_icl.tasks.scoring import completed_answer, whole_answer_correct
 from implicit_icl.tasks.task import Example, Task, TaskKind
 from implicit_icl.tasks.template import format_context, format_query, parse_context
@@ -39,4 +39,5 @@ __all__ = [
     "task",
     "task_names",
     "whole_answer_correct",
+    "with_outputs_deranged",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from implicit_icl.errors import ImplicitICLError
@@ -78,3 +79,16 @@ def draw_prompt(task: Task, pool: tuple[Example, ...], query: Example, shots: in
     demonstrations = rng.sample(others, shots - 1)
     demonstrations.insert(rng.randrange(shots), query)
     return Prompt(tuple(demonstrations), query)
+
+
+def with_outputs_deranged(demonstrations: Sequence[Example], rng: random.Random) -> list[Example]:
+    """The demonstrations with their outputs moved along one random cycle, so that none keeps its own
+    (where outputs differ): the shuffled-label control. Needs at least 2 demonstrations."""
+    if len(demonstrations) < 2:
+        raise ImplicitICLError("shuffling answers needs at least 2 demonstrations; use --shots 2 or more")
+    order = list(range(len(demonstrations)))
+    rng.shuffle(order)
+    permuted = [None] * len(order)
+    for source, target in zip(order, order[1:] + order[:1], strict=True):
+        permuted[target] = demonstrations[source].output
+    return [Example(example.input, output) for example, output in zip(demonstrations, permuted, strict=True)]
