@@ -17,7 +17,7 @@ from implicit_icl.cli import app
 from implicit_icl.hf import compute_patch, patched_generate
 from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.studies import suite
-from implicit_icl.studies.evaluate import EvaluationSettings, Scores, answer_batch, first_token_logits
+from implicit_icl.studies.evaluate import EvaluationSettings, Scores, answer_batch
 from implicit_icl.studies.metrics import disagreements, first_token_metrics
 from implicit_icl.tasks import EncodedPrompt, Example, Prompt
 from implicit_icl.tasks.evaluate import answer_ends
@@ -67,7 +67,7 @@ def test_batched_logits_equal_hfs_forward_and_the_per_prompt_patch(lengths, seed
     model = tiny_model("llama", seed=seed % 3)
     prompts = id_prompts(lengths, seed)
     with float64_softmax(), torch.no_grad():
-        logits = first_token_logits(model, prompts, torch.float64)
+        logits = answer_batch(model, prompts, torch.float64).logits
         for row, prompt in enumerate(prompts):
             torch.testing.assert_close(logits.icl[row], hf_last_logits(model, prompt.input_ids), atol=1e-10, rtol=0)
             torch.testing.assert_close(
@@ -83,7 +83,7 @@ def test_batched_logits_equal_hfs_forward_and_the_per_prompt_patch(lengths, seed
 
 def test_float32_patched_logits_match_icl_with_hfs_own_softmax():
     model = tiny_model("llama", seed=1, dtype=torch.float32)
-    logits = first_token_logits(model, id_prompts([(20, 3, 1), (7, 1, 1), (33, 2, 1)], seed=4), torch.float32)
+    logits = answer_batch(model, id_prompts([(20, 3, 1), (7, 1, 1), (33, 2, 1)], seed=4), torch.float32).logits
     assert (logits.patched - logits.icl).abs().max() <= 1e-4
     assert torch.equal(logits.patched.argmax(-1), logits.icl.argmax(-1))
 

@@ -79,13 +79,6 @@ def patched_next_tokens(model: PreTrainedModel, arithmetic: torch.dtype) -> Next
     ).argmax(-1)
 
 
-def first_token_logits(
-    model: PreTrainedModel, prompts: Sequence[EncodedPrompt], arithmetic: torch.dtype
-) -> FirstTokenLogits:
-    """Zero-shot, ICL and patched logits at the answer position of each prompt (module docstring)."""
-    return answer_batch(model, prompts, arithmetic).logits
-
-
 @dataclass(frozen=True)
 class BatchAnswers:
     """A batch's logits at the answer position, and its greedy answers (B token lists per side, or None)."""
