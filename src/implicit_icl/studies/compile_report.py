@@ -36,6 +36,15 @@ LABELS = {
 }
 MAIN = ("zero_shot", "compiled_default", "compiled", "task_vector", "function_vector", "exact_patch", "icl")
 PER_QUERY = ("correct", "agree", "kl")
+REFERENCES = ("icl", "zero_shot", "task_vector", "function_vector")  # drawn as lines on the curve figures
+
+
+def reference_lines(pooled: dict) -> dict[str, dict[str, float]]:
+    """Per curve kind ("correct": accuracy, "agree": top-1 agreement), each reference method's pooled value."""
+    return {
+        key: {LABELS[m]: pooled[m][metric] for m in REFERENCES if m in pooled}
+        for key, metric in (("correct", "accuracy"), ("agree", "top1_agreement"))
+    }
 
 
 def run_record(task: str, context: int, seed: int, run: dict) -> dict:

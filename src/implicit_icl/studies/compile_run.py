@@ -28,7 +28,13 @@ from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.hf.merge import save_merged
 from implicit_icl.studies.compile import CurveSettings, StudySettings
 from implicit_icl.studies.compile import run_split as run_methods
-from implicit_icl.studies.compile_report import aggregate, plot_run_curves, run_record, write_study_report
+from implicit_icl.studies.compile_report import (
+    aggregate,
+    plot_run_curves,
+    reference_lines,
+    run_record,
+    write_study_report,
+)
 from implicit_icl.studies.compile_splits import Encoded, encode_split, shuffled_labels, split_sizes, split_task
 from implicit_icl.tasks import Task, format_context, load_task_file, parse_context, task
 from implicit_icl.tasks.encoding import split_ids, token_ids
@@ -254,11 +260,7 @@ def _text(path: Path | None) -> str | None:
 
 
 def _report(out: Path, result: dict, record: dict, aggregated: dict, model: str) -> None:
-    pooled = aggregated["all"]["methods"]
-    references = {
-        key: {LABEL: pooled[name][metric] for name, LABEL in REFERENCE_LINES.items() if name in pooled}
-        for key, metric in (("correct", "accuracy"), ("agree", "top1_agreement"))
-    }
+    references = reference_lines(aggregated["all"]["methods"])
     figures = plot_run_curves(out, result["task"], record.get("curves", {}), references)
     intro = (
         f"{model}: the context ({result['context_tokens']} tokens) compiled into one patch from "
@@ -267,11 +269,3 @@ def _report(out: Path, result: dict, record: dict, aggregated: dict, model: str)
         f"labels: {result['labels']}). Compiled settings chosen on dev: {result['choices'].get('compiled')}."
     )
     write_study_report(out, dict(aggregated=aggregated, runs=[record], curve_figures=figures, result=result), intro)
-
-
-REFERENCE_LINES = {
-    "icl": "ICL",
-    "zero_shot": "zero-shot",
-    "task_vector": "task vector",
-    "function_vector": "function vector",
-}

@@ -27,6 +27,7 @@ from implicit_icl.studies.compile_report import (
     cost_table,
     metric_table,
     plot_run_curves,
+    reference_lines,
     run_record,
     write_study_report,
 )
@@ -107,15 +108,7 @@ def write_comparison(out: Path, records: list[dict], intro: str, curve_records: 
     aggregated = aggregate(records)
     figures = []
     for record in curve_records:
-        pooled = aggregate([record])["all"]["methods"]
-        references = {
-            key: {
-                LABELS[m]: pooled[m][metric]
-                for m in ("icl", "zero_shot", "task_vector", "function_vector")
-                if m in pooled
-            }
-            for key, metric in (("correct", "accuracy"), ("agree", "top1_agreement"))
-        }
+        references = reference_lines(aggregate([record])["all"]["methods"])
         figures += plot_run_curves(Path(out), record["task"], record["curves"], references)
     result = dict(aggregated=aggregated, runs=records, curve_figures=figures, curve_runs=list(curve_records))
     write_study_report(out, result, intro)
