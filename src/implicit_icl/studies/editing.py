@@ -148,11 +148,11 @@ def run_editing(loaded: LoadedModel, out: Path | None = None, facts=FACTS, seed:
     ]
     result = dict(n_facts=len(facts), metrics=metrics, table=table, facts=per_fact_rows)
     if out is not None:
-        _write(Path(out), result, loaded.name)
+        _write(Path(out), result, loaded.name, rows)
     return result
 
 
-def _write(out: Path, result: dict, model: str) -> None:
+def _write(out: Path, result: dict, model: str, rows: list[list[str]]) -> None:
     write_json(out / "metrics.json", result)
     page = Page(f"context as a model edit: {model}")
     page.paragraph(
@@ -163,7 +163,6 @@ def _write(out: Path, result: dict, model: str) -> None:
         "3 paraphrases; specificity: p(true answer) > p(new) on 3 questions about other subjects. First tokens "
         "of ' ' + answer; bootstrap 95% intervals over prompts."
     )
-    rows = [[line.strip(" |") for line in row.split(" | ")] for row in result["table"].splitlines()[2:]]
     page.table(["method", *METRICS], rows, "Share of prompts where the edit's wanted token beats its rival.")
     page.table(
         ["statement", *METHODS],
