@@ -196,6 +196,18 @@ def deltas_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool = F
     return (hooks_applied if use_hooks else weights_applied)(model, deltas, batched)
 
 
+def add_delta_(module: nn.Module, attribute: str, delta: Delta) -> None:
+    """Add one delta to `module.<attribute>` in place (nn.Linear or Conv1D orientation); a bias shift on a
+    module without a bias becomes its bias."""
+    parameter = getattr(module, attribute)
+    if parameter is None:
+        setattr(module, attribute, nn.Parameter(delta.to(module.weight).clone(), requires_grad=False))
+    elif isinstance(delta, LowRankUpdate):
+        delta.add_to_(parameter, transposed=isinstance(module, Conv1D))
+    else:
+        parameter.add_(delta.to(parameter))
+
+
 @contextmanager
 def weights_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) -> Iterator[None]:
     originals: dict[str, tuple[Tensor | None, str | None]] = {}  # name -> (copy, digest before the change)
@@ -204,15 +216,11 @@ def weights_applied(model: nn.Module, deltas: dict[str, Delta], batched: bool) -
             for name, delta in deltas.items():
                 module, attribute = owner(model, name)
                 parameter = getattr(module, attribute)
-                if parameter is None:  # a bias shift on a bias-free module: the bias exists while patched
-                    originals[name] = (None, None)
-                    setattr(module, attribute, nn.Parameter(delta.to(module.weight), requires_grad=False))
-                    continue
-                originals[name] = (parameter.detach().clone(), _cached_digest(parameter))
-                if isinstance(delta, LowRankUpdate):
-                    delta.add_to_(parameter, transposed=isinstance(module, Conv1D))
-                else:
-                    parameter.add_(delta.to(parameter))
+                # a bias shift on a bias-free module: the bias exists while patched
+                originals[name] = (
+                    (None, None) if parameter is None else (parameter.detach().clone(), _cached_digest(parameter))
+                )
+                add_delta_(module, attribute, delta)
         yield
     finally:
         with torch.no_grad():

@@ -15,13 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from implicit_icl.atomic import build_staged_folder
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.apply import Patch, owner
+from implicit_icl.hf.apply import Patch, add_delta_, owner
 from implicit_icl.hf.spec import layers_of, spec_for
-from implicit_icl.theory import LowRankUpdate
 
 
 def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLike, tokenizer=None) -> Path:
@@ -38,14 +36,7 @@ def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLi
     new_biases = _new_biases(merged, patch)
     with torch.no_grad():
         for name, delta in patch.deltas.items():
-            module, attribute = owner(merged, name)
-            parameter = getattr(module, attribute)
-            if isinstance(delta, LowRankUpdate):
-                delta.add_to_(parameter, transposed=isinstance(module, Conv1D))
-            elif parameter is None:
-                setattr(module, attribute, nn.Parameter(delta.to(module.weight).clone(), requires_grad=False))
-            else:
-                parameter.add_(delta.to(parameter))
+            add_delta_(*owner(merged, name), delta)
         for module in new_biases:
             if module.bias is None:
                 module.bias = nn.Parameter(torch.zeros_like(module.weight[:, 0]), requires_grad=False)
