@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from implicit_icl.atomic import write_atomically
@@ -135,12 +134,13 @@ def task_rows(result: dict) -> tuple[list[str], list[list[object]]]:
 def print_evaluation(console: Console, result: dict) -> None:
     """The table of tasks; piped output gets a wide table instead of rich's 80 columns."""
     wide = console if console.is_terminal else Console(file=console.file, width=170)
+    wide.print(settings_line(result), markup=False)  # a line above the table: as a title rich would centre and wrap it
     wide.print(evaluation_table(result))
 
 
 def evaluation_table(result: dict) -> Table:
     header, rows = task_rows(result)
-    table = Table(title=escape(settings_line(result)))  # its "[bootstrap 95%]" is not rich markup
+    table = Table()
     for index, column in enumerate(header):
         table.add_column(column, justify="left" if index < 2 else "right")
     for row in rows:
