@@ -27,7 +27,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -72,7 +72,6 @@ class Trajectory:
     notice: str | None
     chunks: int
     seconds: float
-    query_ids: tuple[int, ...] = field(default=())
 
     @property
     def max_abs_logit_diff(self) -> float:
@@ -162,7 +161,6 @@ def prefix_patches(
         notice=notice,
         chunks=len(parts),
         seconds=seconds,
-        query_ids=tuple(query.tolist()),
     )
 
 

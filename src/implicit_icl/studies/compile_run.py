@@ -24,6 +24,7 @@ import torch
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.commands import parse_ids
+from implicit_icl.hf.inputs import as_token_ids
 from implicit_icl.hf.load import LoadedModel, load_model
 from implicit_icl.hf.merge import save_merged
 from implicit_icl.studies.compile import CurveSettings, StudySettings
@@ -122,7 +123,7 @@ def read_calibration(path: Path) -> list:
 
 def encode_items(loaded: LoadedModel, source: Source, items: list, settings: StudySettings) -> Encoded:
     """The ids of a free context and of its calibration file's queries, split into dev / held-out / calibration."""
-    tokenizer, vocab = loaded.tokenizer, loaded.model.config.vocab_size
+    tokenizer = loaded.tokenizer
     items = list(items)
     random.Random(f"compile:calibration:{settings.seed}").shuffle(items)
     n_dev, n_heldout, n_calibration = split_sizes(len(items), settings.calibration, settings.dev, settings.n)
@@ -163,19 +164,18 @@ def encode_items(loaded: LoadedModel, source: Source, items: list, settings: Stu
             raise ImplicitICLError(f"answer {answer!r} has no tokens")
         return ids[0]
 
-    queries = [query_ids(item["query"] if isinstance(item, dict) else item) for item in items]
-    for index, ids in enumerate([context, *queries]):
-        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
-            raise ImplicitICLError(
-                f"{'the context' if index == 0 else 'a query'} holds ids outside the vocabulary [0, {vocab})"
-            )
+    queries = [query_ids(_query_text(item)) for item in items]
+    if context is None:  # a text context is cut off text queries (split_ids); ids give no place to cut
+        raise ImplicitICLError("a text context needs text calibration queries; give the queries as text")
+    context = as_token_ids("the context", context, loaded.model)
+    queries = [as_token_ids("a calibration query", ids, loaded.model) for ids in queries]
     labelled = isinstance(items[0], dict) and "answer" in items[0]
     answers = torch.tensor([answer_id(item["answer"]) for item in items]) if labelled else None
     dev, heldout = slice(0, n_dev), slice(n_dev, n_dev + n_heldout)
     calibration = slice(n_dev + n_heldout, n_dev + n_heldout + n_calibration)
     return Encoded(
         context,
-        _shuffled_context(tokenizer, source.context, settings.seed),
+        _shuffled_context(tokenizer, source.context, settings.seed, _query_text(items[0])),
         queries[calibration],
         queries[dev],
         queries[heldout],
@@ -184,9 +184,14 @@ def encode_items(loaded: LoadedModel, source: Source, items: list, settings: Stu
     )
 
 
-def _shuffled_context(tokenizer, text: str | None, seed: int) -> torch.Tensor | None:
-    """The context with its demonstrations' answers permuted, when it is in the task template."""
-    if text is None or tokenizer is None:
+def _query_text(item) -> str | list[int]:
+    return item["query"] if isinstance(item, dict) else item
+
+
+def _shuffled_context(tokenizer, text: str | None, seed: int, query: str | list[int]) -> torch.Tensor | None:
+    """The context with its demonstrations' answers permuted, when it is in the task template; tokenized with
+    a query after it, as the context itself is (`split_ids`)."""
+    if text is None or tokenizer is None or not isinstance(query, str):
         return None
     try:
         demonstrations = parse_context(text)
@@ -194,7 +199,7 @@ def _shuffled_context(tokenizer, text: str | None, seed: int) -> torch.Tensor | 
         return None
     if len(demonstrations) < 2:
         return None
-    return torch.tensor(token_ids(tokenizer, format_context(shuffled_labels(demonstrations, seed))))
+    return torch.tensor(split_ids(tokenizer, format_context(shuffled_labels(demonstrations, seed)), query)[0])
 
 
 def compile_command(

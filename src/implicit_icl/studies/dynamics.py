@@ -58,6 +58,15 @@ def demonstration_boundaries(tokenizer: PreTrainedTokenizerBase, prompt: Prompt)
     return boundaries
 
 
+def _computed_for(trajectory: Trajectory, encoded) -> bool:
+    """Whether the trajectory's whole-context entry was computed from this prompt's context and query."""
+    source = trajectory.patch.sources[-1]
+    return (source.context_ids, source.query_ids) == (
+        tuple(encoded.context_ids.tolist()),
+        tuple(encoded.query_ids.tolist()),
+    )
+
+
 def shuffled_answers(prompt: Prompt, rng: random.Random) -> Prompt:
     """The prompt with its demonstrations' outputs moved so that none keeps its own (`with_outputs_deranged`);
     the query and its right answer stay."""
@@ -126,7 +135,7 @@ def shot_dynamics(
     for index, (prompt, answer) in enumerate(progress):
         encoded = encode(tokenizer, prompt)
         boundaries = demonstration_boundaries(tokenizer, prompt)
-        if index == 0 and first is not None and first.query_ids == tuple(encoded.query_ids.tolist()):
+        if index == 0 and first is not None and _computed_for(first, encoded):
             trajectory = first.at(boundaries)
         else:
             trajectory = prefix_patches(model, encoded.context_ids, encoded.query_ids, boundaries, dtype=dtype)

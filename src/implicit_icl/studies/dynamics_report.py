@@ -126,8 +126,10 @@ def trajectory_result(
 
 def untrained_increments(untrained: PreTrainedModel, context, query, settings: DynamicsSettings) -> list[float]:
     """The control of context mode: the same tokens through the untrained model, increments of all layers stacked."""
+    dtype = ARITHMETIC_DTYPES[settings.arithmetic]
+    # only the increments are read: no patched check pass
     trajectory = prefix_patches(
-        untrained, context, query, dtype=ARITHMETIC_DTYPES[settings.arithmetic], memory_budget=settings.memory_budget
+        untrained, context, query, dtype=dtype, verify=False, memory_budget=settings.memory_budget
     )
     return layer_series(untrained, trajectory).increment_norms.pow(2).sum(0).sqrt().tolist()
 
