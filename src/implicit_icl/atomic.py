@@ -19,10 +19,10 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
-    os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any new file
     try:
         write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~_UMASK)  # again: some writers replace the file (safetensors makes it 0600)
+        # mkstemp makes 0600, and some writers replace the file (safetensors: 0600 too): read like any new file
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:
         with suppress(FileNotFoundError):
@@ -45,3 +45,15 @@ def build_staged_folder(folder: Path, build: Callable[[Path], None]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging
+
+
+def publish_folder(built: Path, folder: Path) -> None:
+    """Move a finished staging folder onto `folder`. A folder already there is moved aside first (os.replace
+    cannot overwrite a non-empty folder) and deleted once the new one is in place."""
+    stale = None
+    if folder.exists():
+        stale = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".stale"))
+        os.replace(folder, stale / folder.name)
+    os.replace(built, folder)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)

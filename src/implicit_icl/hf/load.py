@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from implicit_icl import __version__
-from implicit_icl.atomic import build_staged_folder
+from implicit_icl.atomic import build_staged_folder, publish_folder
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.spec import spec_for, spec_for_family
 
@@ -361,8 +360,4 @@ def _publish(built: Path, folder: Path, source: GgufSource) -> None:
         if _stamp_matches(folder, source):
             shutil.rmtree(built, ignore_errors=True)
             return
-        # os.replace cannot overwrite a non-empty folder: move the stale one aside first, then delete it.
-        stale = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".stale"))
-        os.replace(folder, stale / folder.name)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(built, folder)
+    publish_folder(built, folder)

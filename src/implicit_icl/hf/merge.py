@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from implicit_icl.atomic import build_staged_folder
+from implicit_icl.atomic import build_staged_folder, publish_folder
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf.apply import Patch, add_delta_, owner
 from implicit_icl.hf.spec import layers_of, spec_for
@@ -43,9 +43,7 @@ def save_merged(model: PreTrainedModel, patch: Patch, directory: str | os.PathLi
     directory = Path(directory)
     staging = build_staged_folder(directory, lambda folder: _save(merged, tokenizer, folder))
     try:
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        publish_folder(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
