@@ -64,13 +64,11 @@ def demo(
             fail(error)
         emit(summary, as_json, f"toy in-context regression: prompt vs W + ΔW on the query alone — {out / 'index.html'}")
         return
-    from implicit_icl.studies.demo import DemoSettings, headline, run_demo
+    from implicit_icl.studies.demo import EVAL_TASKS, DemoSettings, headline, run_demo
     from implicit_icl.studies.demo_report import print_demo
 
     try:
-        settings = DemoSettings(eval_prompts=eval_prompts, new_tokens=new_tokens)
-        if eval_task:
-            settings = DemoSettings(tuple(eval_task), eval_prompts, new_tokens=new_tokens)
+        settings = DemoSettings(tuple(eval_task or EVAL_TASKS), eval_prompts, new_tokens=new_tokens)
         result = run_demo(out, settings)
     except ImplicitICLError as error:
         fail(error)
