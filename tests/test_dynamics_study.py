@@ -6,11 +6,10 @@ prompts; tiny zoo models cover the command's context mode and the factored SGD."
 import copy
 import json
 import random
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import torch
+from helpers import float64_softmax
 from typer.testing import CliRunner
 
 from implicit_icl.cli import app
@@ -36,13 +35,6 @@ from implicit_icl.studies.dynamics_finetune import (
 from implicit_icl.tasks import Example, Prompt, encode, sample_prompts, task
 
 runner = CliRunner()
-
-
-@contextmanager
-def float64_softmax():
-    softmax = torch.nn.functional.softmax
-    with mock.patch.object(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim)):
-        yield
 
 
 @pytest.fixture(scope="module")

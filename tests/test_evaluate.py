@@ -4,11 +4,10 @@ patches and HF's own forward and generate, the metrics, and the command on the d
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
-from unittest import mock
 
 import pytest
 import torch
+from helpers import float64_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -24,15 +23,6 @@ from implicit_icl.tasks.evaluate import answer_ends
 
 runner = CliRunner()
 NEWLINE = 7  # the fake tokenizer's separator
-
-
-@contextmanager
-def float64_softmax():
-    """HF's eager attention with its softmax in the model's dtype instead of float32 (see test_hf_batched.py):
-    a padded row rounds the float32 softmax differently (~1e-7) from an unpadded one, even in float64."""
-    softmax = torch.nn.functional.softmax
-    with mock.patch.object(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim)):
-        yield
 
 
 class DigitTokenizer:

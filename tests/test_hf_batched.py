@@ -6,11 +6,9 @@ masked keys) and an unpadded one round differently at ~1e-7. With the softmax in
 arithmetic, not the batching.
 """
 
-from contextlib import contextmanager
-from unittest import mock
-
 import pytest
 import torch
+from helpers import float64_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,14 +19,6 @@ from implicit_icl.theory import LowRankUpdate
 
 # Gemma 2/3 normalise in float32 even in float64 models (see test_hf_families.py).
 FLOAT64_TOLERANCE = {"gemma2": 1e-5, "gemma3_text": 1e-5}
-
-
-@contextmanager
-def float64_softmax():
-    """HF's eager attention with its softmax in the model's dtype instead of float32."""
-    softmax = torch.nn.functional.softmax
-    with mock.patch.object(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim)):
-        yield
 
 
 def _dense(delta):

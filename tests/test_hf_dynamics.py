@@ -7,11 +7,9 @@ differently from a plain pass, so float64 results differ at ~1e-7 with HF's soft
 test_hf_families.py). Float32 runs use HF's own arithmetic throughout.
 """
 
-from contextlib import contextmanager
-from unittest import mock
-
 import pytest
 import torch
+from helpers import float64_softmax
 from transformers import AutoModelForCausalLM
 
 from implicit_icl.errors import ImplicitICLError
@@ -30,14 +28,6 @@ from implicit_icl.theory import LowRankUpdate
 DECODERS = sorted(family for family, spec in SPECS.items() if not spec.encoder)
 FLOAT32_NORMS = {"gemma2": 1e-5, "gemma3_text": 1e-5}  # HF normalises in float32 in these, even in float64
 NORM_SCALE_FAMILIES = {"gemma2", "gemma3_text", "olmo2"}
-
-
-@contextmanager
-def float64_softmax():
-    """HF's eager attention with its softmax in the model's dtype instead of float32."""
-    softmax = torch.nn.functional.softmax
-    with mock.patch.object(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim)):
-        yield
 
 
 def _ids(n: int, q: int, seed: int):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
+from helpers import float64_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -170,14 +169,6 @@ def test_a_missing_task_file_is_refused(tmp_path):
 
 
 # --- batching and greedy decoding, on a tiny random model ---
-
-
-@contextmanager
-def float64_softmax():
-    """HF's eager attention with its softmax in the model's dtype instead of float32 (see test_hf_batched.py)."""
-    softmax = torch.nn.functional.softmax
-    with mock.patch.object(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim)):
-        yield
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-12)])
