@@ -199,7 +199,9 @@ def test_greedy_decoding_matches_hfs_generate(dtype):
     sequences = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6])]
     decoded = greedy_tokens(model, tokenizer, sequences, steps=6)  # float32: through HF's cache; float64: re-reading
     logits, _ = decode_greedily(model, sequences, [6, 6], lambda token: False)
-    torch.testing.assert_close(logits, next_token_logits(model, sequences), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # HF's own forward, one unpadded sequence at a time
+        unpadded = torch.stack([model(sequence[None]).logits[0, -1] for sequence in sequences])
+    torch.testing.assert_close(logits, unpadded, atol=1e-5, rtol=1e-5)
     for sequence, tokens in zip(sequences, decoded, strict=True):
         reference = model.generate(sequence[None], max_new_tokens=6, do_sample=False, eos_token_id=None)[0]
         reference = reference[len(sequence) :].tolist()
