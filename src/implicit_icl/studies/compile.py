@@ -266,12 +266,11 @@ def _curves(model, calibration: Calibration, heldout, offset, scorer, best, curv
         if label == "best on dev" and setting == settings["default"]:
             continue
         step(f"curve over calibration size: {setting.label}")
-        result["calibration"][f"compiled ({label}: {setting.label})"] = [
-            point(size, setting, list(range(size))) for size in sizes
-        ]
+        by_size = [point(size, setting, list(range(size))) for size in sizes]
+        result["calibration"][f"compiled ({label}: {setting.label})"] = by_size
+        full = by_size[-1]  # every calibration query at full rank: also the rank curves' last point
         for truncation in ("chain", "after"):
             step(f"curve over rank: {setting.label}, truncation {truncation}")
-            full = point(0, setting)
             points = [point(rank, replace(setting, rank=rank, truncation=truncation)) for rank in curves.ranks]
             full_rank = max(rank for rank in curves.ranks) * 2
             result["rank"][f"{label}, {'in-chain' if truncation == 'chain' else 'after the chain'}"] = points + [
