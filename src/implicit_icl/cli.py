@@ -270,7 +270,7 @@ def compile_context(
 
     try:
         RunOptions(model, dtype)  # checks --dtype before anything loads
-        settings = StudySettings(shots, calibration_size, dev, n, seed, seed, rank, ridge, tokens)
+        settings = StudySettings(shots, calibration_size, dev, n, seed, rank, ridge, tokens)
         source = Source(task, task_file, context, context_ids, calibration, context_file)
         result = compile_command(model, dtype, source, settings, save, peft, merged, out)
     except ImplicitICLError as error:

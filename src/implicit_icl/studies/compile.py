@@ -59,7 +59,8 @@ Progress = Callable[[str], None]
 @dataclass(frozen=True)
 class StudySettings:
     """shots: demonstrations (K); calibration, dev, n: calibration, dev and held-out queries (shrunk for a small
-    task, see `split_task`); context, seed: choose the demonstrations, and the rest of the split.
+    task, see `split_task`); seed: chooses the demonstrations and the rest of the split (`run_many` varies the
+    demonstrations and the split apart).
     rank: when set, every compiled patch searched is truncated to it (the CLI's --rank); search: choose the
     compiled patch's settings on dev (else `compiled` is the default settings); ridge/tokens: fix those;
     search_ridges × search_tokens: the first stage's grid, on dev; search_ranks: ranks tried for its best in
@@ -72,7 +73,6 @@ class StudySettings:
     calibration: int = 64
     dev: int = 16
     n: int = 50
-    context: int = 0
     seed: int = 0
     rank: int | None = None
     ridge: float | None = None
