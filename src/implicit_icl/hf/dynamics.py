@@ -40,7 +40,7 @@ from implicit_icl.hf.apply import Patch
 from implicit_icl.hf.capture import ContextStates, hooked, record_context, replayed
 from implicit_icl.hf.construct import assemble_patch, chain_patches, check_settings
 from implicit_icl.hf.forward import ForwardInputs, custom_attention_mask, model_attention_mask, model_device
-from implicit_icl.hf.inputs import TokenIds, as_token_ids, check_length
+from implicit_icl.hf.inputs import TokenIds, checked_pair
 from implicit_icl.hf.spec import FamilySpec, layers_of, spec_for
 from implicit_icl.patch import Source, concatenate, concatenate_deltas
 
@@ -130,13 +130,7 @@ def prefix_patches(
             f"{model.config.model_type} is a bidirectional encoder: its tokens see the context after them, so "
             "it has no growing prefixes; use a causal decoder"
         )
-    context = as_token_ids("context ids", context_ids, model)
-    query = as_token_ids("query ids", query_ids, model)
-    if context.numel() == 0:
-        raise ImplicitICLError("the context is empty, so there are no prefixes to follow; give a context")
-    if query.numel() == 0:
-        raise ImplicitICLError("the query is empty; give at least one query token")
-    check_length(model, context.numel() + query.numel())
+    context, query = checked_pair(model, context_ids, query_ids, "there are no prefixes to follow")
     prefixes = checked_prefix_lengths(prefix_lengths, context.numel())
     method, notice = resolve_method(model, method)
     if chunk_size is not None and chunk_size < 1:

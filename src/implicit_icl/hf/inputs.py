@@ -57,17 +57,24 @@ class PatchInput:
     query_length: int
 
 
+def checked_pair(model: PreTrainedModel, context_ids: TokenIds, query_ids: TokenIds, why: str) -> tuple[Tensor, Tensor]:
+    """The context and query ids [C], [Q], each non-empty, in the vocabulary, and together within the model's
+    positions; `why` says what an empty context leaves nothing for."""
+    context = as_token_ids("context ids", context_ids, model)
+    query = as_token_ids("query ids", query_ids, model)
+    if context.numel() == 0:
+        raise ImplicitICLError(f"the context is empty, so {why}; give a context")
+    if query.numel() == 0:
+        raise ImplicitICLError("the query is empty; give at least one query token")
+    check_length(model, context.numel() + query.numel())
+    return context, query
+
+
 def patch_input(
     model: PreTrainedModel, context_ids: TokenIds, query_ids: TokenIds, drop: tuple[int, int] | None = None
 ) -> PatchInput:
     """Check the ids and the span to remove (default: the whole context, so the query stays alone)."""
-    context = as_token_ids("context ids", context_ids, model)
-    query = as_token_ids("query ids", query_ids, model)
-    if context.numel() == 0:
-        raise ImplicitICLError("the context is empty, so there is nothing to turn into a patch; give a context")
-    if query.numel() == 0:
-        raise ImplicitICLError("the query is empty; give at least one query token")
-    check_length(model, context.numel() + query.numel())
+    context, query = checked_pair(model, context_ids, query_ids, "there is nothing to turn into a patch")
     n = context.numel()
     if drop is not None:
         start, end = drop
