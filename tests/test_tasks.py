@@ -28,7 +28,7 @@ from implicit_icl.tasks import (
     task_names,
     whole_answer_correct,
 )
-from implicit_icl.tasks.evaluate import decode_greedily, greedy_continuations, greedy_tokens, plain_next_tokens
+from implicit_icl.tasks.evaluate import answer_ends, decode_greedily, greedy_continuations, plain_next_tokens
 from implicit_icl.tasks.task import MIN_EXAMPLES
 
 GENERATED = [name for name in TASKS if TASKS[name].generated]
@@ -197,7 +197,8 @@ class DigitTokenizer:
 def test_greedy_decoding_matches_hfs_generate(dtype):
     model, tokenizer = tiny_model("llama", dtype=dtype), DigitTokenizer()
     sequences = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([9, 2, 6])]
-    decoded = greedy_tokens(model, tokenizer, sequences, steps=6)  # float32: through HF's cache; float64: re-reading
+    # float32: through HF's cache; float64: re-reading; each list ends at its first newline or end token
+    decoded = decode_greedily(model, sequences, [6, 6], answer_ends(tokenizer))[1]
     logits, _ = decode_greedily(model, sequences, [6, 6], lambda token: False)
     with torch.no_grad():  # HF's own forward, one unpadded sequence at a time
         unpadded = torch.stack([model(sequence[None]).logits[0, -1] for sequence in sequences])

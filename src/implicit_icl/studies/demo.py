@@ -28,8 +28,8 @@ from implicit_icl.studies.demo_report import SIDES, write_demo_report
 from implicit_icl.studies.evaluate import EvaluationSettings
 from implicit_icl.studies.report import check_out_folder
 from implicit_icl.studies.suite import run_evaluation
-from implicit_icl.tasks import Example, Prompt, encode, greedy_continuations, sample_prompts, task
-from implicit_icl.tasks.evaluate import next_token_logits, plain_next_tokens
+from implicit_icl.tasks import Example, Prompt, encode, sample_prompts, task
+from implicit_icl.tasks.evaluate import decode_greedily, next_token_logits
 
 DEMO_PROMPT = Prompt(
     shots=tuple(
@@ -115,7 +115,7 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), loaded: LoadedM
     top = next_token_three_ways(loaded, context, query, patch, settings.top_k)
     say("demo 3/4: greedy generation with the context and patched without it…")
     generation = patched_generate(model, context, query, settings.new_tokens, progress=True)
-    alone = greedy_continuations(plain_next_tokens(model), [query], [settings.new_tokens], lambda token: False)[0]
+    alone = decode_greedily(model, [query], [settings.new_tokens], lambda token: False)[1][0]  # through HF's cache
     say(f"demo 4/4: evaluation, {len(settings.eval_tasks)} tasks × {settings.eval_prompts} prompts…")
     evaluation = run_evaluation(
         None,

@@ -111,13 +111,6 @@ def decode_greedily(
     return first_logits, generated
 
 
-def greedy_tokens(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sequences: Sequence[Tensor], steps: int
-) -> list[list[int]]:
-    """Up to `steps` greedy tokens after each sequence, each list ending at its first newline or end token."""
-    return decode_greedily(model, sequences, [steps] * len(sequences), answer_ends(tokenizer))[1]
-
-
 @dataclass(frozen=True)
 class Answers:
     """What the model answered to N prompts."""
