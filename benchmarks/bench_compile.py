@@ -11,9 +11,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import llama_style, wall_seconds  # noqa: E402
 
-from implicit_icl.hf.compile import CompileSettings, fit_patch, record_calibration
-from implicit_icl.hf.forward import ForwardInputs, run_model
-from implicit_icl.hf.queries import context_logits
+from implicit_icl.analyses.compile import CompileSettings, fit_patch, record_calibration
+from implicit_icl.engine.forward import ForwardInputs, run_model
+from implicit_icl.engine.queries import context_logits
 
 LAYERS, WIDTH, VOCAB, CONTEXT, QUERIES = 8, 512, 32_000, 50, 64
 

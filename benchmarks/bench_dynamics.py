@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import llama_style, wall_seconds  # noqa: E402
 
-from implicit_icl.hf.dynamics import prefix_patches
-from implicit_icl.hf.dynamics_series import layer_series
+from implicit_icl.analyses.dynamics.prefixes import prefix_patches
+from implicit_icl.analyses.dynamics.series import layer_series
 
 LAYERS, WIDTH, CONTEXT = 4, 256, 256
 

@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from timing import llama_style, wall_seconds  # noqa: E402
 
+from implicit_icl.engine.forward import ForwardInputs, run_model
 from implicit_icl.hf import compute_patch, compute_patches, every_position_patches
-from implicit_icl.hf.forward import ForwardInputs, run_model
 
 LAYERS, WIDTH, CONTEXT = 8, 512, 512
 # Llama's own vocabulary, and a small one: the head is a large part of a forward pass that the patch

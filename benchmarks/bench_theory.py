@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from timing import median_seconds  # noqa: E402
 
 from implicit_icl import ContextualBlock  # noqa: E402
-from implicit_icl.attention import CausalSelfAttention  # noqa: E402
 from implicit_icl.theory import rank_one_update  # noqa: E402
+from implicit_icl.toy.attention import CausalSelfAttention  # noqa: E402
 
 
 def factored_vs_dense(out: int = 2048, inp: int = 512, batch: int = 64) -> tuple[str, float, str]:

@@ -1,4 +1,4 @@
-"""Greedy-token agreement of patched generation in bfloat16, per family and output side (README table).
+"""Greedy-token agreement of patched generation in bfloat16, per family and output side (docs/results/bf16.md).
 
     .venv/bin/python scripts/bf16_generation.py [--prompts 5] [--tokens 32]
 
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from implicit_icl.hf import SPECS, patched_generate
-from implicit_icl.hf.zoo import ENCODER_FAMILIES, VOCAB_SIZE, ZOO_CASES, tiny_model
+from implicit_icl.models.zoo import ENCODER_FAMILIES, VOCAB_SIZE, ZOO_CASES, tiny_model
 
 VIAS = ("weights", "hooks")
 

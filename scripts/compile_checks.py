@@ -1,4 +1,4 @@
-"""Two checks of compiled patches on the default model that the README quotes.
+"""Two checks of compiled patches on the default model that docs/results/compile.md quotes.
 
     .venv/bin/python scripts/compile_checks.py input-side   # why the input side alone is worse than no patch
     .venv/bin/python scripts/compile_checks.py exports      # PEFT adapter and merged checkpoint, loaded fresh
@@ -22,10 +22,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from implicit_icl.engine.merge import save_merged
+from implicit_icl.engine.queries import context_logits, reduced_logits
 from implicit_icl.hf import compile_patch, load_model
-from implicit_icl.hf.merge import save_merged
-from implicit_icl.hf.queries import context_logits, reduced_logits
-from implicit_icl.studies.demo import DEMO_PROMPT
+from implicit_icl.studies.demo.run import DEMO_PROMPT
 from implicit_icl.tasks import format_context, format_query, task
 from implicit_icl.tasks.encoding import token_ids
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from implicit_icl.hf.load import load_model
-from implicit_icl.studies.compile import DEFAULT, SEARCH_RANKS, CurveSettings, StudySettings
-from implicit_icl.studies.compile_study import pilot_table, run_many, write_comparison
-from implicit_icl.studies.report import markdown
+from implicit_icl.models.load import load_model
+from implicit_icl.report.pages import markdown
+from implicit_icl.studies.compile.methods import DEFAULT, SEARCH_RANKS, CurveSettings, StudySettings
+from implicit_icl.studies.compile.study import pilot_table, run_many, write_comparison
 
 PILOT_TASKS = ("copy", "capitalize", "last_item", "adjective_comparative")  # kept out of the comparison
 TASKS = (
@@ -68,7 +68,7 @@ def main() -> None:
         curves = CurveSettings(sizes=(1, 2, 4, 8, 16, 32, 64, 128), ranks=(1, 2, 4, 8, 16, 32, 64, 128))
         run_many(loaded, args.tasks or CURVE_TASKS, [0], [0], settings, args.out / "curves", curves)
     else:
-        from implicit_icl.studies.editing import run_editing
+        from implicit_icl.studies.editing.study import run_editing
 
         result = run_editing(loaded, args.out)
         print(result["table"])

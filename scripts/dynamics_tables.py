@@ -1,4 +1,4 @@
-"""The README tables of the per-demonstration dynamics study, from the JSON of `implicit-icl dynamics` runs.
+"""The tables of docs/results/dynamics.md: the per-demonstration dynamics study, from the JSON of `implicit-icl dynamics` runs.
 
     for t in present_past antonym country_capital first_item associative_recall; do
         OMP_NUM_THREADS=1 implicit-icl dynamics --task $t --shots 8 --n 32 --finetune --finetune-prompts 8 \\
@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from implicit_icl.studies.dynamics import CONDITIONS
+from implicit_icl.studies.dynamics.study import CONDITIONS
 
 SHOTS = (0, 1, 2, 4, 8)
 

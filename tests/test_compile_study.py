@@ -11,15 +11,15 @@ from typer.testing import CliRunner
 
 from implicit_icl import Patch
 from implicit_icl.cli import app
+from implicit_icl.engine.queries import reduced_logits
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.load import LoadedModel
-from implicit_icl.hf.queries import reduced_logits
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
-from implicit_icl.studies.compile import StudySettings, run_split
-from implicit_icl.studies.compile_report import aggregate, run_record, write_study_report
-from implicit_icl.studies.compile_run import CONTRACT, Source, compile_command
-from implicit_icl.studies.compile_splits import encode_split, shuffled_labels, split_task
-from implicit_icl.studies.editing import FACTS, edit_fact, encode_fact
+from implicit_icl.models.load import LoadedModel
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.studies.compile.methods import StudySettings, run_split
+from implicit_icl.studies.compile.report import aggregate, run_record, write_study_report
+from implicit_icl.studies.compile.run import CONTRACT, Source, compile_command
+from implicit_icl.studies.compile.splits import encode_split, shuffled_labels, split_task
+from implicit_icl.studies.editing.study import FACTS, edit_fact, encode_fact
 from implicit_icl.tasks import Example, task
 
 CONTRACT_KEYS = {"heldout_top1_agreement", "baseline_top1_agreement", "compiled_accuracy", "icl_accuracy",

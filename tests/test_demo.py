@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from implicit_icl.cli import app
-from implicit_icl.studies import demo
+from implicit_icl.studies.demo import run as demo
 from implicit_icl.tasks import encode
 
 runner = CliRunner()

@@ -6,7 +6,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from implicit_icl import ImplicitICLError
-from implicit_icl.attention import CausalSelfAttention
 from implicit_icl.theory import (
     apply_factorised,
     factorised_updates,
@@ -14,6 +13,7 @@ from implicit_icl.theory import (
     increment_norms,
     prefix_updates,
 )
+from implicit_icl.toy.attention import CausalSelfAttention
 
 property_settings = settings(max_examples=25, deadline=None)
 

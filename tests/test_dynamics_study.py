@@ -12,25 +12,25 @@ import torch
 from helpers import float64_softmax
 from typer.testing import CliRunner
 
+from implicit_icl.analyses.dynamics.prefixes import last_position_logits, prefix_patches
+from implicit_icl.analyses.dynamics.series import answer_scores, layer_series
 from implicit_icl.cli import app
+from implicit_icl.engine.forward import ForwardInputs
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch
-from implicit_icl.hf.dynamics import last_position_logits, prefix_patches
-from implicit_icl.hf.dynamics_series import answer_scores, layer_series
-from implicit_icl.hf.forward import ForwardInputs
-from implicit_icl.hf.zoo import tiny_model
-from implicit_icl.studies.dynamics import (
-    demonstration_boundaries,
-    shuffled_answers,
-    untrained_model,
-)
-from implicit_icl.studies.dynamics_finetune import (
+from implicit_icl.models.zoo import tiny_model
+from implicit_icl.studies.dynamics.finetune import (
     FactoredSGD,
     choose_step_size,
     held_out_examples,
     icl_heldout,
     online_sgd,
     trained_matrices,
+)
+from implicit_icl.studies.dynamics.study import (
+    demonstration_boundaries,
+    shuffled_answers,
+    untrained_model,
 )
 from implicit_icl.tasks import Example, Prompt, encode, sample_prompts, task
 

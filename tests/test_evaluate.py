@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from implicit_icl.cli import app
 from implicit_icl.hf import compute_patch, patched_generate
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
-from implicit_icl.studies import suite
-from implicit_icl.studies.evaluate import EvaluationSettings, Scores, answer_batch
-from implicit_icl.studies.metrics import disagreements, first_token_metrics
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.studies.evaluate import run as suite
+from implicit_icl.studies.evaluate.metrics import disagreements, first_token_metrics
+from implicit_icl.studies.evaluate.scores import EvaluationSettings, Scores, answer_batch
 from implicit_icl.tasks import EncodedPrompt, Example, Prompt
 from implicit_icl.tasks.evaluate import answer_ends
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import SPECS, compute_patch, compute_patches, verify_patch
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.theory import LowRankUpdate
 
 # Gemma 2/3 normalise in float32 even in float64 models (see test_hf_families.py).

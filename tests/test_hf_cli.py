@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from implicit_icl import Patch
 from implicit_icl.cli import app
-from implicit_icl.hf.spec import SPECS
-from implicit_icl.hf.zoo import tiny_model
+from implicit_icl.engine.spec import SPECS
+from implicit_icl.models.zoo import tiny_model
 
 runner = CliRunner()
 CONTEXT = "5 17 42 8 91 23 64 3 11 70"
@@ -144,9 +144,9 @@ def test_a_bare_base_model_without_head_is_patched_too(tmp_path):
 
 def test_text_prompts_on_the_default_model_work_without_model(default_model, monkeypatch):
     """No --model: the default model and its GGUF tokenizer (the session's copy; loading is tested in test_hf_load)."""
-    from implicit_icl.hf import commands
+    from implicit_icl.models import options
 
-    monkeypatch.setattr(commands, "load_model", lambda name, dtype: default_model)
+    monkeypatch.setattr(options, "load_model", lambda name, dtype: default_model)
     context, query = "Q: walk\nA: walked\n\nQ: eat\nA: ate\n\nQ: take\nA: took\n\n", "Q: speak\nA:"
     report = _run("patch", "--context", context, "--query", query, "--arithmetic", "float32")
     assert report["n_layers"] == 30 and report["top1_match"]

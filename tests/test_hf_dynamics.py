@@ -1,5 +1,5 @@
-"""Every prefix in one pass (hf/dynamics.py) equals the naive loop, one `compute_patch` and one plain forward
-pass per prefix; the per-layer series (hf/dynamics_series.py) equal their dense definitions.
+"""Every prefix in one pass (analyses/dynamics/prefixes.py) equals the naive loop, one `compute_patch` and one plain forward
+pass per prefix; the per-layer series (analyses/dynamics/series.py) equal their dense definitions.
 
 HF's eager attention takes its softmax in float32 even in float64 models, and a custom mask lays out the keys
 differently from a plain pass, so float64 results differ at ~1e-7 with HF's softmax; with the softmax in float64
@@ -12,17 +12,23 @@ import torch
 from helpers import float64_softmax
 from transformers import AutoModelForCausalLM
 
-from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf import SPECS, compute_patch
-from implicit_icl.hf.dynamics import attention_bytes_per_entry, chunked, prefix_layout, prefix_logits, prefix_patches
-from implicit_icl.hf.dynamics_series import (
+from implicit_icl.analyses.dynamics.prefixes import (
+    attention_bytes_per_entry,
+    chunked,
+    prefix_layout,
+    prefix_logits,
+    prefix_patches,
+)
+from implicit_icl.analyses.dynamics.series import (
     factorised_check,
     gradient_descent_check,
     input_side_names,
     layer_series,
     matrix,
 )
-from implicit_icl.hf.zoo import VOCAB_SIZE, ZOO_CASES, _draw_weights, tiny_config, tiny_model
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.hf import SPECS, compute_patch
+from implicit_icl.models.zoo import VOCAB_SIZE, ZOO_CASES, _draw_weights, tiny_config, tiny_model
 from implicit_icl.theory import LowRankUpdate
 
 DECODERS = sorted(family for family, spec in SPECS.items() if not spec.encoder)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from implicit_icl.hf import SPECS, compute_patch, every_position_patches, verify_every_position, verify_patch
-from implicit_icl.hf.zoo import VOCAB_SIZE, ZOO_CASES, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, ZOO_CASES, tiny_model
 
 # Every family with a spec, except those with (1 + w) or post-MLP norms and the post-LayerNorm encoder, whose
 # tests are in test_hf_families.py: a new spec joins these tests by itself.

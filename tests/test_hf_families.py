@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, every_position_patches, verify_every_position, verify_patch
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 
 FAMILIES = ["gemma", "gemma2", "gemma3_text", "olmo2", "bert"]
 POST_NORM = {"gemma2", "gemma3_text", "olmo2"}

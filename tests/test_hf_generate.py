@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from implicit_icl.hf import SPECS, patched_generate
-from implicit_icl.hf.zoo import ENCODER_FAMILIES, VOCAB_SIZE, ZOO_CASES, tiny_model
+from implicit_icl.models.zoo import ENCODER_FAMILIES, VOCAB_SIZE, ZOO_CASES, tiny_model
 
 # Each decoder family's default variant (an encoder does not generate).
 FAMILIES = [family for family in dict(ZOO_CASES) if family in SPECS and family not in ENCODER_FAMILIES]

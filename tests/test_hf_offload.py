@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from implicit_icl.hf import compute_patch, patched_generate, verify_patch
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 
 # Layer 0 stays on the CPU, every later layer is offloaded to disk.
 DEVICE_MAP = {

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from implicit_icl.engine.spec import SPECS
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.spec import SPECS
-from implicit_icl.hf.zoo import ENCODER_FAMILIES, FAMILIES, MAX_POSITIONS, VOCAB_SIZE, ZOO_CASES, tiny_model
+from implicit_icl.models.zoo import ENCODER_FAMILIES, FAMILIES, MAX_POSITIONS, VOCAB_SIZE, ZOO_CASES, tiny_model
 
 
 def _output(model, input_ids):
@@ -67,7 +67,7 @@ def test_norm_scales_and_biases_are_not_left_at_their_initial_values():
 
 
 def test_every_spec_has_a_tiny_model_and_every_tiny_model_a_spec():
-    assert set(SPECS) == set(FAMILIES), "add the family's tiny model to hf/zoo.py, or its spec to hf/spec.py"
+    assert set(SPECS) == set(FAMILIES), "add the family's tiny model to models/zoo.py, or its spec to engine/spec.py"
 
 
 def test_unknown_family_and_variant_are_refused():

@@ -7,7 +7,7 @@ import torch
 
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, every_position_patches
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 
 peft = pytest.importorskip("peft")
 

@@ -9,7 +9,7 @@ import torch
 from implicit_icl import Patch
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, every_position_patches, verify_patch
-from implicit_icl.hf.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.theory import LowRankUpdate
 
 IDS = torch.randint(0, VOCAB_SIZE, (25,), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.hf.zoo import tiny_model
+from implicit_icl.models.zoo import tiny_model
 from implicit_icl.tasks import (
     TASKS,
     Example,

@@ -2,9 +2,9 @@
 
 import importlib
 
-from implicit_icl.block import BlockStates, ContextualBlock
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.theory import ImplicitUpdate, LowRankUpdate, rank_one_update
+from implicit_icl.toy.block import BlockStates, ContextualBlock
 
 __all__ = [
     "BlockStates",

@@ -3,7 +3,7 @@
 Deltas are keyed by Hugging Face parameter names verbatim ("model.layers.3.mlp.down_proj.weight"):
 
 - a `LowRankUpdate` (U, V) for a weight matrix, in nn.Linear orientation ([out, in]), whatever the
-  module stores (GPT-2's Conv1D is transposed only where the delta is added, in hf/apply.py);
+  module stores (GPT-2's Conv1D is transposed only where the delta is added, in engine/apply.py);
 - a vector for a bias (created for the duration of the patch if the module has none) or a norm scale.
 
 A patch may be batched: every delta then has one leading dimension, entry i being the patch of batch

@@ -5,7 +5,7 @@ with positions that start at 0 on each prompt's first real token (or the positio
 masked out. Two ways to decode greedily:
 - `greedy_continuations` re-reads each growing sequence at every step through `run_model`, which lets padding
   see itself, so a float64 model's float32 softmax gives no NaN; any next-token rule can drive it (the exact
-  patch's decoding in `implicit_icl.studies.evaluate` does);
+  patch's decoding in `implicit_icl.studies.evaluate.scores` does);
 - `decode_greedily`, the model's own greedy answers: float32 and bfloat16 models read each prompt once and then
   one token per step through HF's cache, only the last position going through the head; float64 models take
   the first way (HF's own padding mask would give their padding rows NaN).
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from implicit_icl.hf.forward import ForwardInputs, model_device, run_model
+from implicit_icl.engine.forward import ForwardInputs, model_device, run_model
 from implicit_icl.tasks.encoding import encode
 from implicit_icl.tasks.sampling import Prompt
 from implicit_icl.tasks.scoring import whole_answer_correct

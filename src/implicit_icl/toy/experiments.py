@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from implicit_icl.block import BlockStates, ContextualBlock
 from implicit_icl.theory import ImplicitUpdate, gradient_descent_errors, increment_norms, prefix_updates
 from implicit_icl.toy.baselines import all_baselines
+from implicit_icl.toy.block import BlockStates, ContextualBlock
 from implicit_icl.toy.data import Prompts
 from implicit_icl.toy.model import ToyTransformer
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from implicit_icl.block import ContextualBlock
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.theory import LowRankUpdate
+from implicit_icl.toy.block import ContextualBlock
 from implicit_icl.toy.data import Prompts
 
 

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from implicit_icl.attention import CausalSelfAttention
-from implicit_icl.block import ContextualBlock
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.theory import ImplicitUpdate
+from implicit_icl.toy.attention import CausalSelfAttention
+from implicit_icl.toy.block import ContextualBlock
 
 
 @dataclass(frozen=True)

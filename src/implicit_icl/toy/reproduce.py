@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from implicit_icl.progress import progress_bar
 from implicit_icl.report import write_json, write_report
 from implicit_icl.report.html import check_out_folder
 from implicit_icl.statistics import bootstrap, interval_text
 from implicit_icl.toy import figures
 from implicit_icl.toy.model import ToyConfig
-from implicit_icl.toy.progress import progress_bar
 from implicit_icl.toy.study import (
     StudyConfig,
     checkpoint_agreement,

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from implicit_icl.atomic import write_atomically
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.progress import progress_bar
 from implicit_icl.toy.data import Prompts, sample_prompts
 from implicit_icl.toy.model import ToyConfig, ToyTransformer, build_model
-from implicit_icl.toy.progress import progress_bar
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,420 @@
+"""Every prefix of a context in one forward pass: the exact patch of c_1..c_p for each chosen p (docs/theory.md §6).
+
+For prefixes p_1 < … < p_m of a context c and a query x of q tokens, one context-ful pass reads
+
+    tokens      c_1 … c_L | x (copy 1)        | x (copy 2)        | … | x (copy m)          L = p_m
+    positions   0 … L−1   | p_1 … p_1 + q − 1 | p_2 … p_2 + q − 1 | … | p_m … p_m + q − 1
+    visibility  the context causally; copy j sees c_1..c_{p_j} and itself causally, nothing else
+
+so the last token of copy j is the query after the prefix p_j at its original positions (HF's own forward,
+a custom [T, T] mask and explicit position ids; `record_context` reads it at the m last tokens). One reduced
+pass (`chain_patches` on the m queries alone, query j at positions p_j..) then gives m exact patches: entry j
+is the patch of prefix p_j. Prefix 0 sees no context, so its patch is zero up to rounding.
+
+The custom mask is [T, T] with T = L + m q, and eager attention holds heads × T × T scores, so the copies go
+in chunks whose attention fits a memory budget (the context is recomputed in each chunk): memory stays
+O(T_chunk²) for the attention and O(m d) per layer for the states and the factors, never m copies of the
+context's activations.
+
+Families whose attention cannot take a custom mask (ALiBi: HF builds its bias from a padding mask) go prefix
+by prefix instead, with a warning and `Trajectory.method == "loop"`: the same patches, m forward passes.
+The per-layer series (norms, increments, alignment, the gradient-descent view) are in analyses/dynamics/series.py.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+from rich.console import Console
+from rich.progress import track
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from implicit_icl.engine.apply import Patch
+from implicit_icl.engine.capture import ContextStates, hooked, record_context, replayed
+from implicit_icl.engine.construct import assemble_patch, chain_patches, check_settings
+from implicit_icl.engine.forward import ForwardInputs, custom_attention_mask, model_attention_mask, model_device
+from implicit_icl.engine.inputs import TokenIds, checked_pair
+from implicit_icl.engine.spec import FamilySpec, layers_of, spec_for
+from implicit_icl.errors import ImplicitICLError
+from implicit_icl.patch import Source, concatenate, concatenate_deltas
+
+MEMORY_BUDGET = 1 << 30  # bytes for one chunk's attention (scores, mask) in the context-ful pass
+METHODS = ("auto", "one pass", "loop")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """The exact patches of growing prefixes of one context, for one query.
+
+    prefix_lengths: [P] increasing numbers of context tokens p_j (0: no context).
+    patch: a batched Patch whose entry j is the exact patch of prefix p_j: with it, the query alone at positions
+        p_j..p_j + q − 1 gives what the model gives after c_1..c_{p_j}.
+    context_logits: [P, V] the model with prefix p_j, at the last query token. patched_logits: [P, V] the query
+        alone under entry j (None when not verified). Both in the model's dtype.
+    mlp_inputs: per layer [P, in], what the layer's first MLP matrix reads at the last query token with prefix
+        p_j (the A_j of theory.md §6 in that layer; for a mixture of experts, the router's input).
+    method: "one pass" or "loop"; notice: why the loop ran (None for one pass); chunks: context-ful passes.
+    seconds: wall time of the computation.
+    """
+
+    prefix_lengths: tuple[int, ...]
+    patch: Patch
+    context_logits: Tensor
+    patched_logits: Tensor | None
+    mlp_inputs: list[Tensor]
+    method: str
+    notice: str | None
+    chunks: int
+    seconds: float
+
+    @property
+    def max_abs_logit_diff(self) -> float:
+        """Patched query vs the model with the same prefix, worst over prefixes and logits (NaN: not verified)."""
+        if self.patched_logits is None:
+            return float("nan")
+        return float((self.patched_logits.double() - self.context_logits.double()).abs().max())
+
+    def at(self, prefix_lengths: Sequence[int]) -> Trajectory:
+        """The same trajectory at some of its prefixes (e.g. every token's, read at demonstration boundaries)."""
+        missing = sorted(set(prefix_lengths) - set(self.prefix_lengths))
+        if missing:
+            raise ImplicitICLError(f"the trajectory has no prefix of length {missing[0]}; compute it first")
+        index = torch.tensor([self.prefix_lengths.index(p) for p in prefix_lengths])
+        patch = replace(
+            self.patch,
+            deltas={name: delta[index] for name, delta in self.patch.deltas.items()},
+            sources=tuple(self.patch.sources[i] for i in index.tolist()),
+        )
+        patched = None if self.patched_logits is None else self.patched_logits[index]
+        return replace(
+            self,
+            prefix_lengths=tuple(prefix_lengths),
+            patch=patch,
+            context_logits=self.context_logits[index],
+            patched_logits=patched,
+            mlp_inputs=[layer[index] for layer in self.mlp_inputs],
+        )
+
+
+def prefix_patches(
+    model: PreTrainedModel,
+    context_ids: TokenIds,
+    query_ids: TokenIds,
+    prefix_lengths: Sequence[int] | None = None,
+    output: str | None = None,
+    dtype: torch.dtype = torch.float64,
+    method: str = "auto",
+    memory_budget: int = MEMORY_BUDGET,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    verify: bool = True,
+) -> Trajectory:
+    """The exact patch of every chosen prefix of the context for the query's last token.
+
+    prefix_lengths: increasing numbers of context tokens in 0..n (default: every prefix, 0..n).
+    output, dtype: as in `compute_patch`. method: "one pass" (custom mask, chunks of copies), "loop" (one
+    context-ful pass per prefix), or "auto" (one pass where the family's attention takes a custom mask, else the
+    loop with a warning). memory_budget: bytes of attention one chunk may hold; chunk_size: copies per chunk
+    instead (for tests). verify: also run every query alone under its patch (`patched_logits`, the check
+    against the context-ful logits); without it the trajectory costs the two passes that build the patches.
+    """
+    spec, output = check_settings(model, output, dtype)
+    if spec.encoder:
+        raise ImplicitICLError(
+            f"{model.config.model_type} is a bidirectional encoder: its tokens see the context after them, so "
+            "it has no growing prefixes; use a causal decoder"
+        )
+    context, query = checked_pair(model, context_ids, query_ids, "there are no prefixes to follow")
+    prefixes = checked_prefix_lengths(prefix_lengths, context.numel())
+    method, notice = resolve_method(model, method)
+    if chunk_size is not None and chunk_size < 1:
+        raise ImplicitICLError(f"chunk_size must be at least 1, got {chunk_size}")
+    if method == "loop":
+        groups = [[p] for p in prefixes]
+    else:
+        groups = chunked(prefixes, query.numel(), model, memory_budget, chunk_size)
+    if progress and len(groups) > 1:
+        groups = track(groups, description=f"prefixes ({method})", console=Console(stderr=True), transient=True)
+    start = time.perf_counter()
+    one_pass = method == "one pass"
+    parts = [_group(model, spec, context, query, group, output, dtype, one_pass, verify) for group in groups]
+    seconds = time.perf_counter() - start
+    return Trajectory(
+        prefix_lengths=tuple(prefixes),
+        patch=concatenate([part.patch for part in parts]),
+        context_logits=torch.cat([part.context_logits for part in parts]),
+        patched_logits=torch.cat([part.patched_logits for part in parts]) if verify else None,
+        mlp_inputs=[torch.cat(layer) for layer in zip(*(part.mlp_inputs for part in parts), strict=True)],
+        method=method,
+        notice=notice,
+        chunks=len(parts),
+        seconds=seconds,
+    )
+
+
+def checked_prefix_lengths(prefix_lengths: Sequence[int] | None, n: int) -> list[int]:
+    """Strictly increasing prefix lengths in 0..n (default all of them), or a one-line error."""
+    if prefix_lengths is None:
+        return list(range(n + 1))
+    prefixes = [int(p) for p in prefix_lengths]
+    if not prefixes:
+        raise ImplicitICLError("no prefix lengths given; give at least one (0..n context tokens)")
+    if any(p < 0 or p > n for p in prefixes) or any(b <= a for a, b in zip(prefixes, prefixes[1:], strict=False)):
+        raise ImplicitICLError(
+            f"prefix lengths must increase strictly and lie in 0..{n} (the context's length), got {prefixes[:8]}"
+        )
+    return prefixes
+
+
+def resolve_method(model: PreTrainedModel, method: str) -> tuple[str, str | None]:
+    """("one pass" or "loop", the notice when the loop replaces the one pass)."""
+    if method not in METHODS:
+        raise ImplicitICLError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "loop":
+        return method, None
+    refusal = custom_mask_refusal(model)
+    if refusal is None:
+        return "one pass", None
+    if method == "one pass":
+        raise ImplicitICLError(f"no one-pass dynamics for this model: {refusal}; use method='loop'")
+    notice = f"one pass per prefix instead of one pass for all: {refusal}"
+    warnings.warn(notice, stacklevel=3)
+    return "loop", notice
+
+
+def custom_mask_refusal(model: PreTrainedModel) -> str | None:
+    """Why the model's attention cannot take a custom visibility mask (ALiBi, an encoder), or None if it can."""
+    probe = ForwardInputs(
+        torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.bool)
+    )
+    try:
+        custom_attention_mask(model, probe)
+    except ImplicitICLError as error:
+        return str(error)
+    return None
+
+
+# --- the one-pass layout ----------------------------------------------------------------------------------
+
+
+def prefix_layout(context: Tensor, copies: Sequence[tuple[int, Tensor]]) -> tuple[ForwardInputs, Tensor]:
+    """One sequence holding the context once and copies of queries, copy j seeing only its prefix (see the
+    module docstring). context: [n]; copies: (prefix length p_j, query ids [q_j]) pairs, any queries.
+
+    Returns the inputs (batch of 1, a [1, T, T] visibility mask) and rows [m, 2] = (0, last token of copy j)."""
+    length = max(p for p, _ in copies)
+    ids = torch.cat([context[:length], *(query for _, query in copies)])
+    positions = torch.cat([torch.arange(length), *(p + torch.arange(query.numel()) for p, query in copies)])
+    owner = torch.cat(
+        [torch.full((length,), -1), *(torch.full((query.numel(),), j) for j, (_, query) in enumerate(copies))]
+    )
+    prefix = torch.tensor([p for p, _ in copies] + [length])[owner]  # context tokens (owner −1) see the context
+    index = torch.arange(ids.numel())
+    sees_context = (owner[None, :] < 0) & (index[None, :] < prefix[:, None])
+    own_copy = (owner[:, None] == owner[None, :]) & (owner[:, None] >= 0)
+    visible = (index[:, None] >= index[None, :]) & (sees_context | own_copy)
+    ends = torch.tensor([query.numel() for _, query in copies]).cumsum(0) + length - 1
+    rows = torch.stack([torch.zeros_like(ends), ends], -1)
+    return ForwardInputs(ids[None], positions[None], visible[None]), rows
+
+
+def chunked(
+    prefixes: list[int], query_length: int, model: PreTrainedModel, memory_budget: int, chunk_size: int | None
+) -> list[list[int]]:
+    """Consecutive groups of prefixes, each as many copies as fit: chunk_size copies, or the memory budget
+    (at least one copy per chunk, whatever the budget)."""
+    if chunk_size is not None:
+        return [prefixes[i : i + chunk_size] for i in range(0, len(prefixes), chunk_size)]
+    per_entry = attention_bytes_per_entry(model)
+    groups: list[list[int]] = []
+    for p in prefixes:
+        if groups and (p + (len(groups[-1]) + 1) * query_length) ** 2 * per_entry <= memory_budget:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def attention_bytes_per_entry(model: PreTrainedModel) -> int:
+    """Bytes per entry of the [T, T] attention of one pass: the scores, their softmax and the weighted copy
+    per head, in the model's dtype, plus the masks (additive, boolean, the int64 position distances)."""
+    config = model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    itemsize = next(model.parameters()).element_size()
+    return 3 * heads * itemsize + itemsize + 8 + 4
+
+
+# --- one chunk: the context-ful pass, the reduced pass, both logits ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Part:
+    patch: Patch
+    context_logits: Tensor
+    patched_logits: Tensor | None
+    mlp_inputs: list[Tensor]
+
+
+def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output, dtype, one_pass, verify) -> _Part:
+    """The patches of a group of prefixes: one custom-masked pass (one_pass) or one plain pass (one prefix)."""
+    device = model_device(model)
+    q = query.numel()
+    if one_pass:
+        full, rows = prefix_layout(context, [(p, query) for p in prefixes])
+    else:
+        (p,) = prefixes
+        full, rows = ForwardInputs.plain(torch.cat([context[:p], query])[None]), torch.tensor([[0, p + q - 1]])
+    positions = torch.tensor(prefixes)[:, None] + torch.arange(q)
+    reduced = ForwardInputs.plain(query.expand(len(prefixes), q), positions).to(device)
+    with _reading(model, spec, rows) as reading:
+        states = record_context(model, spec, full.to(device), rows, replay=q == 1)
+    context_logits = _replayed_logits(model, spec, states, reduced, reading.tuple_output)
+    if spec.experts is not None and q > 1 and len(prefixes) > 1:
+        # A router is not linear in its input, so several reduced sequences cannot share one layer re-run.
+        entries = [
+            chain_patches(model, spec, _entry(states, j), _row(reduced, j), output, dtype, feed_context_inputs=False)
+            for j in range(len(prefixes))
+        ]
+        deltas = {name: concatenate_deltas([entry[name] for entry in entries]) for name in entries[0]}
+    else:
+        deltas = chain_patches(model, spec, states, reduced, output, dtype, feed_context_inputs=q == 1)
+    sources = [Source(tuple(context[:p].tolist()), tuple(query.tolist()), tuple(range(p, p + q))) for p in prefixes]
+    patch = assemble_patch(model, deltas, output, dtype, sources, None)
+    mlp_inputs = reading.mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
+    patched_logits = patched_last_logits(model, patch, reduced) if verify else None
+    return _Part(patch, context_logits, patched_logits, mlp_inputs)
+
+
+def _entry(states: ContextStates, j: int) -> ContextStates:
+    """The states of row j alone."""
+    return ContextStates(
+        [t[j : j + 1] for t in states.layer_inputs],
+        [t[j : j + 1] for t in states.residual_sums],
+        [{k: t[j : j + 1] for k, t in layer.items()} for layer in states.outputs],
+        [{k: t[j : j + 1] for k, t in layer.items()} for layer in states.experts],
+    )
+
+
+def _row(inputs: ForwardInputs, j: int) -> ForwardInputs:
+    return ForwardInputs.plain(inputs.input_ids[j : j + 1], inputs.position_ids[j : j + 1])
+
+
+class _Reading:
+    """What the context-ful pass gives besides `record_context`'s states: each layer's MLP input at the rows,
+    and whether the layers return tuples (Falcon) or tensors (for replaying them)."""
+
+    def __init__(self) -> None:
+        self.mlp_inputs: list[Tensor] = []
+        self.tuple_output = False
+
+
+@contextmanager
+def _reading(model: PreTrainedModel, spec: FamilySpec, rows: Tensor) -> Iterator[_Reading]:
+    reading = _Reading()
+    layers = layers_of(model, spec)
+    reading.mlp_inputs = [None] * len(layers)
+    sequence, position = rows.unbind(-1)
+
+    def record_input(layer: int):
+        def hook(module, args):
+            z = args[0]
+            reading.mlp_inputs[layer] = z[sequence.to(z.device), position.to(z.device)]
+
+        return hook
+
+    def record_type(module, args, output):
+        reading.tuple_output = isinstance(output, tuple)
+
+    handles = [layers[0].register_forward_hook(record_type)]
+    if spec.experts is None:
+        for index, layer in enumerate(layers):
+            matrix = layer.get_submodule(spec.mlp_inputs[0])
+            handles.append(matrix.register_forward_pre_hook(record_input(index)))
+    with hooked(handles):
+        yield reading
+
+
+@torch.no_grad()
+def last_logits(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor:
+    """Logits [B, V] at the last position of a batch (the head runs on that position only)."""
+    return last_position_logits(model, inputs)
+
+
+def last_position_logits(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor:
+    """`run_model` (plain, left-padded or custom-masked inputs) with the head on the last position only: [B, V].
+    Differentiable (no no_grad), for fine-tuning."""
+    output = model(
+        input_ids=inputs.input_ids,
+        position_ids=inputs.position_ids,
+        attention_mask=model_attention_mask(model, inputs),
+        use_cache=False,
+        logits_to_keep=1,
+    )
+    return output.logits[:, -1]
+
+
+def _replayed_logits(model, spec, states: ContextStates, reduced: ForwardInputs, tuple_output: bool) -> Tensor:
+    """The context-ful logits at the rows: every layer replays its recorded output at the rows (nothing is
+    recomputed), so the model's own final norm and head run on m tokens instead of the whole pass."""
+    layers = layers_of(model, spec)
+    outputs = {}
+    for index, layer in enumerate(layers):
+        hidden = states.residual_sums[index][:, None]
+        outputs[layer] = (hidden,) if tuple_output else hidden
+    last = ForwardInputs.plain(reduced.input_ids[:, -1:], reduced.position_ids[:, -1:])
+    with replayed(outputs):
+        return last_logits(model, last)
+
+
+def patched_last_logits(model: PreTrainedModel, patch: Patch, reduced: ForwardInputs) -> Tensor:
+    """Logits [m, V] of the m reduced queries, query j under entry j of the batched patch (through hooks; a
+    mixture of experts, whose router no hook can patch, one entry at a time in its weights)."""
+    if spec_for(model).experts is None:
+        with patch.applied(model):
+            return last_logits(model, reduced)
+    logits = []
+    for entry in range(len(patch)):
+        with patch[entry].applied(model):
+            logits.append(last_logits(model, _row(reduced, entry)))
+    return torch.cat(logits)
+
+
+# --- context-ful logits of many (prefix, query) copies, for accuracy over prefixes -------------------------
+
+
+@torch.no_grad()
+def prefix_logits(
+    model: PreTrainedModel, context: Tensor, copies: Sequence[tuple[int, Tensor]], memory_budget: int = MEMORY_BUDGET
+) -> Tensor:
+    """The model's logits [m, V] at the last token of each copy: query j after the prefix p_j of the context,
+    in as few passes as the memory budget allows (one plain pass per copy where custom masks do not apply)."""
+    if custom_mask_refusal(model) is not None:
+        plain = [ForwardInputs.plain(torch.cat([context[:p], query])[None]) for p, query in copies]
+        return torch.cat([last_logits(model, inputs.to(model_device(model))) for inputs in plain])
+    per_entry, groups = attention_bytes_per_entry(model), [[]]
+    for copy in copies:
+        group = groups[-1] + [copy]
+        tokens = max(p for p, _ in group) + sum(query.numel() for _, query in group)
+        if groups[-1] and tokens**2 * per_entry > memory_budget:
+            group = [copy]
+            groups.append(group)
+        groups[-1] = group
+    logits = []
+    for group in groups:
+        inputs, rows = prefix_layout(context, group)
+        inputs = inputs.to(model_device(model))
+        output = model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=custom_attention_mask(model, inputs),
+            use_cache=False,
+            logits_to_keep=rows[:, 1].to(inputs.input_ids.device),
+        )
+        logits.append(output.logits[0])
+    return torch.cat(logits)

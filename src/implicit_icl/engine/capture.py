@@ -1,0 +1,169 @@
+"""Hooks on the unmodified Hugging Face model: read a context-ful run at chosen (sequence, position) rows.
+
+Decoder layers are called with the hidden states as first positional argument or as `hidden_states=`, and
+return a tensor or (Falcon) a tuple whose first entry is the hidden states; the helpers here accept both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from implicit_icl.engine.forward import ForwardInputs, StopForward, run_model
+from implicit_icl.engine.spec import FamilySpec, layers_of
+
+
+def hidden_argument(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden_argument(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def first_output(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def hooked(handles: list) -> Iterator[None]:
+    """Remove the hook handles on exit, whatever happens inside."""
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def replayed(outputs: dict[nn.Module, object]) -> Iterator[None]:
+    """Modules return the given outputs instead of computing them; their hooks still run.
+
+    For a one-token reduced pass whose layer inputs are the context-ful ones: a module that reads only
+    the layer input at its own position (a q/k/v projection) would compute its context-ful output again."""
+    saved = {module: module.__dict__.get("forward") for module in outputs}  # accelerate wraps forward too
+    try:
+        for module, output in outputs.items():
+            module.forward = lambda *args, _output=output, **kwargs: _fresh(_output)
+        yield
+    finally:
+        for module, forward in saved.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def _fresh(output: object) -> object:
+    """A copy of a replayed tensor, since some models add to a module's output in place (Falcon)."""
+    return output.clone() if isinstance(output, Tensor) else output
+
+
+@dataclass(frozen=True)
+class ContextStates:
+    """The context-ful run read at N rows, per layer l (tensors [N, ...] in the model's dtype).
+
+    layer_inputs[l]: the hidden states entering layer l.
+    residual_sums[l]: where the block output is compared (the layer output, or the input of the spec's
+        `residual_sum` module).
+    outputs[l]: outputs of modules inside the layer, by path: every MLP input matrix, and with `replay`
+        the attention input projections and the MLP output matrix too.
+    experts[l]: for a mixture of experts, the router's "input", "logits", "scores" and "indices" and the
+        experts' "output" (see engine/moe.py); empty otherwise.
+    """
+
+    layer_inputs: list[Tensor]
+    residual_sums: list[Tensor]
+    outputs: list[dict[str, Tensor]]
+    experts: list[dict[str, Tensor]]
+
+
+@torch.no_grad()
+def record_context(
+    model: PreTrainedModel, spec: FamilySpec, inputs: ForwardInputs, rows: Tensor, replay: bool = False
+) -> ContextStates:
+    """One context-ful forward pass of `inputs` (any batch: plain, padded or with a custom mask), read at
+    rows [N, 2] of (sequence, position index); it stops after the last layer.
+
+    replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`)."""
+    layers = layers_of(model, spec)
+    n_layers = len(layers)
+    sequence, position = rows.to(inputs.input_ids.device).unbind(-1)
+    length = inputs.input_ids.shape[1]
+    states = ContextStates(
+        [None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
+    )
+
+    def at_positions(tensor: Tensor) -> Tensor:  # [B, T, ...] -> [N, ...], a copy (models add in place)
+        return tensor[sequence.to(tensor.device), position.to(tensor.device)]
+
+    def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the batch flattened to [B * T, ...]
+        return tensor[(sequence * length + position).to(tensor.device)]
+
+    def record_input(layer: int):
+        def hook(module, args, kwargs):
+            states.layer_inputs[layer] = at_positions(hidden_argument(args, kwargs))
+
+        return hook
+
+    def record_output(layer: int):
+        def hook(module, args, output):
+            if spec.residual_sum is None:
+                states.residual_sums[layer] = at_positions(first_output(output))
+            if layer == n_layers - 1:
+                raise StopForward
+
+        return hook
+
+    def record_sum(layer: int):
+        def hook(module, args):
+            states.residual_sums[layer] = at_positions(args[0])
+
+        return hook
+
+    def record_matrix(layer: int, path: str):
+        def hook(module, args, output):
+            states.outputs[layer][path] = at_positions(output)
+
+        return hook
+
+    def record_router(layer: int):
+        def hook(module, args, output):
+            experts = states.experts[layer]
+            experts["input"] = at_rows(args[0])
+            experts.update(
+                {name: at_rows(value) for name, value in zip(spec.experts.router_outputs, output, strict=True)}
+            )
+
+        return hook
+
+    def record_experts(layer: int):
+        def hook(module, args, output):
+            states.experts[layer]["output"] = at_rows(output)
+
+        return hook
+
+    handles = []
+    for layer, module in enumerate(layers):
+        if spec.experts is not None:
+            handles.append(module.get_submodule(spec.experts.router).register_forward_hook(record_router(layer)))
+            handles.append(module.get_submodule(spec.experts.module).register_forward_hook(record_experts(layer)))
+        handles.append(module.register_forward_pre_hook(record_input(layer), with_kwargs=True))
+        handles.append(module.register_forward_hook(record_output(layer)))
+        if spec.residual_sum is not None:
+            handles.append(module.get_submodule(spec.residual_sum).register_forward_pre_hook(record_sum(layer)))
+        recorded = spec.mlp_inputs
+        if replay:
+            recorded += spec.attention_inputs + ((spec.mlp_output,) if spec.mlp_output else ())
+        for path in recorded:
+            handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
+    with hooked(handles):
+        run_model(model, inputs)
+    return states

@@ -1,0 +1,1 @@
+"""`implicit-icl demo` (`make run`): run (the headline computation on the default model) and report."""
