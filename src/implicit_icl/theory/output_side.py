@@ -35,7 +35,7 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
 
 
 def norm_scale_shift(shift: Tensor, mlp_output_context: Tensor, eps: float) -> Tensor:
-    """Elementwise Δs with (s + Δs) ⊙ n(m_C) = s ⊙ n(m_C) + δ: Δs = δ ⊘ n(m_C).
+    """Elementwise Δs with (s + Δs) ⊙ n(m_C) = s ⊙ n(m_C) + δ: Δs = δ ⊘ n(m_C) (see check_elementwise_scale).
 
     shift δ, mlp_output_context m_C: [..., d]. Exact, but ill-conditioned where n(m_C) is tiny: in low
     precision prefer `stable_norm_scale_patch`.
@@ -59,30 +59,64 @@ def scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
     return torch.where(normalized == 0, torch.zeros_like(target), target / normalized)
 
 
-def stable_norm_scale_patch(
-    shift: Tensor, mlp_output_context: Tensor, inner_context: Tensor, scale: Tensor, eps: float
-) -> tuple[LowRankUpdate, Tensor]:
-    """The low-precision-friendly post-norm patch ([G]): a rank-1 ΔW_down, then a uniform rescale of s.
+STABLE_SCALE_FLOOR = 0.1  # measured on Gemma 3 270M in float32: 0.01 and 0.3 lose 5-30x in logit error
 
-    The block outputs r + s ⊙ n(m); it must output r + s ⊙ n(m_C) + δ = r + s ⊙ t with
-    t = n(m_C) + δ ⊘ s. ΔW_down moves m_C to m' = α t (α keeps the size of m_C), whose normalised form is
-    t up to one scalar; the scale patch Δs = (κ − 1) s restores that scalar. No coordinate is divided by
-    a small normalised entry, which is what makes the elementwise solution blow up in bfloat16.
+
+def working_norm_scale(scale: Tensor, scale_floor: float) -> Tensor:
+    """ŝ: the scale s with every |s_j| raised to at least scale_floor · rms(s), signs kept (0 counts as +): [d]."""
+    floor = scale_floor * scale.pow(2).mean().sqrt()
+    sign = torch.where(scale < 0, -torch.ones_like(scale), torch.ones_like(scale))
+    return sign * torch.clamp(scale.abs(), min=float(floor))
+
+
+def check_elementwise_scale(scale: Tensor, shift: Tensor) -> None:
+    """Refuse the elementwise scale patch where the scale s is zero and the shift δ is not: [d], [..., d].
+
+    There the block never wrote that coordinate and the patch would switch it on for every token with
+    scale δ_j / n(m_C)_j. Exact in float64, but on Gemma 3 270M in float32 the error of such a patch grows
+    from 1e-4 to 1e5 over the layers (logits off by 50); the stable variant reaches these coordinates.
+    """
+    blocked = (scale == 0) & (shift != 0)
+    if blocked.any():
+        raise ImplicitICLError(
+            f"the post-norm scale is zero at {int(blocked.sum())} coordinate(s) where the needed shift is not, "
+            "where an elementwise scale patch is ill-conditioned; use the stable variant (output 'stable')"
+        )
+
+
+def stable_norm_scale_patch(
+    shift: Tensor,
+    mlp_output_context: Tensor,
+    inner_context: Tensor,
+    scale: Tensor,
+    eps: float,
+    scale_floor: float = STABLE_SCALE_FLOOR,
+) -> tuple[LowRankUpdate, Tensor]:
+    """The low-precision-friendly post-norm patch ([G]): a rank-1 ΔW_down, then a rescale of s.
+
+    The block outputs r + s ⊙ n(m); it must output r + T, T = s ⊙ n(m_C) + δ = ŝ ⊙ t with t = T ⊘ ŝ,
+    where ŝ is a working scale (`working_norm_scale`: s with every |s_j| raised to scale_floor · rms(s)).
+    ΔW_down moves m_C to m' = α t (α keeps the size of m_C), whose normalised form is t up to one scalar
+    κ; the new scale κ ŝ, i.e. Δs = κ ŝ − s, restores it (uniform, (κ − 1) s, where |s_j| is above the
+    floor). No coordinate is divided by a small normalised entry, which is what makes the elementwise
+    solution blow up in bfloat16. With ŝ = s a zero scale (real Gemma 3 weights have w = −1 entries)
+    makes t infinite, and a small one makes t, hence κ and every new scale, huge: Gemma 3 270M's float32
+    logits were then off by 40-50 (the floor brings them to 1e-4; docs/results/gemma3.md).
 
     shift δ, mlp_output_context m_C: [..., d]; scale s (the effective scale, e.g. 1 + w for Gemma): [d];
-    inner_context a_C: [..., d_inner]. Returns (ΔW_down, Δs) with Δs: [..., d].
+    inner_context a_C: [..., d_inner]. Returns (ΔW_down, Δs) with Δs: [..., d] ((κ − 1) s, κ where s = 0).
     """
     for name, tensor in (("output shift", shift), ("MLP output with context", mlp_output_context)):
         check_last_dim(name, tensor, scale.shape[-1])
         check_finite(name, tensor)
-    if ((scale == 0) & (shift != 0)).any():
-        raise ImplicitICLError("the post-norm scale is zero where the needed shift is not; no scale patch can reach it")
-    safe_scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    target = rms_normalize(mlp_output_context, eps) + shift / safe_scale
+    # t ⊙ s is the post-norm output to reach. Where s is zero the MLP output is not seen at all, so t there
+    # is free: t = δ (a working scale of one) makes the elementwise scale solved afterwards about κ there.
+    working_scale = working_norm_scale(scale, scale_floor)
+    target = (scale * rms_normalize(mlp_output_context, eps) + shift) / working_scale
     target_rms = safe_squared_norm("the target of the stable norm patch", target).div(target.shape[-1]).sqrt()
     output_rms = safe_squared_norm("the MLP output m_C", mlp_output_context).div(target.shape[-1]).sqrt()
     alpha = (output_rms / target_rms).unsqueeze(-1)
     moved_output = alpha * target
     down_update = output_rank_one(moved_output - mlp_output_context, inner_context)
     kappa = torch.sqrt(moved_output.pow(2).mean(-1, keepdim=True) + eps) / alpha
-    return down_update, (kappa - 1) * scale
+    return down_update, kappa * working_scale - scale
