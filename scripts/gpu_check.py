@@ -1,0 +1,104 @@
+"""The GPU check (one run, a few minutes on one GPU): the device-placement tests on CUDA, then a randomly
+initialised ~1B-parameter Llama built from a config there: exact patch in float32 and bfloat16 (top-1
+agreement and max |logit diff| against the model with its context, and without any patch), and the patch's
+cost against one context-ful forward. Prints one JSON object (also $OUT/gpu_check.json where OUT is set).
+
+    PYTHONPATH=src python scripts/gpu_check.py [--tiny] [--skip-pytest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from implicit_icl.hf import compute_patch, verify_patch
+
+SIZES = {
+    "1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+}
+
+
+def seconds(function, device: torch.device, repeats: int = 5) -> float:
+    """Median wall time of `function()`, synchronised on CUDA."""
+    times = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=1024, **SIZES[size])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = model.to(device).eval()
+    result = {"parameters": sum(p.numel() for p in model.parameters())}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        model.to(dtype)
+        rows = []
+        for seed in range(prompts):
+            ids = torch.randint(0, 32000, (257,), generator=torch.Generator().manual_seed(seed))
+            patch = compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32)
+            rows.append(verify_patch(model, ids[:-1], ids[-1:], patch))
+        result[name] = {
+            "top1_agreement": sum(r.top1_match for r in rows) / len(rows),
+            "max_abs_logit_diff": max(r.max_abs_logit_diff for r in rows),
+            "baseline_max_abs_logit_diff": max(r.baseline_max_abs_logit_diff for r in rows),
+        }
+    model.to(torch.float32)
+    ids = torch.randint(0, 32000, (513,), generator=torch.Generator().manual_seed(9)).to(device)
+    with torch.no_grad():
+        forward = seconds(lambda: model(ids[None]), device)
+    patch_seconds = seconds(lambda: compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32), device)
+    result["patch_seconds_per_forward"] = patch_seconds / forward
+    result["forward_seconds_512_tokens"] = forward
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="a tiny config: checks that the script runs")
+    parser.add_argument("--skip-pytest", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    if not args.skip_pytest:
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "tests/test_device.py"],
+            capture_output=True,
+            text=True,
+        )
+        report["device_tests"] = {"returncode": run.returncode, "tail": run.stdout.strip().splitlines()[-1:]}
+    try:
+        report["llama"] = llama_check("tiny" if args.tiny else "1b", device)
+    except Exception as error:  # recorded, not raised: the rest of the report still comes back
+        report["llama"] = {"error": f"{type(error).__name__}: {error}"}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_check.json"), "w") as file:
+            file.write(text)
+
+
+if __name__ == "__main__":
+    main()
