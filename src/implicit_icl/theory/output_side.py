@@ -104,13 +104,13 @@ def stable_norm_scale_patch(
     logits were then off by 40-50 (the floor brings them to 1e-4; docs/results/gemma3.md).
 
     shift δ, mlp_output_context m_C: [..., d]; scale s (the effective scale, e.g. 1 + w for Gemma): [d];
-    inner_context a_C: [..., d_inner]. Returns (ΔW_down, Δs) with Δs: [..., d] ((κ − 1) s, κ where s = 0).
+    inner_context a_C: [..., d_inner]. Returns (ΔW_down, Δs) with Δs: [..., d] (κ ŝ − s: (κ − 1) s where |s_j| is above the floor).
     """
     for name, tensor in (("output shift", shift), ("MLP output with context", mlp_output_context)):
         check_last_dim(name, tensor, scale.shape[-1])
         check_finite(name, tensor)
-    # t ⊙ s is the post-norm output to reach. Where s is zero the MLP output is not seen at all, so t there
-    # is free: t = δ (a working scale of one) makes the elementwise scale solved afterwards about κ there.
+    # ŝ ⊙ t is the post-norm output to reach. Where |s_j| is below the floor, t_j = T_j / ŝ_j stays of the
+    # size of n(m_C) instead of blowing up, and the new scale κ ŝ_j, not s_j, carries that coordinate.
     working_scale = working_norm_scale(scale, scale_floor)
     target = (scale * rms_normalize(mlp_output_context, eps) + shift) / working_scale
     target_rms = safe_squared_norm("the target of the stable norm patch", target).div(target.shape[-1]).sqrt()
