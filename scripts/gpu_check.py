@@ -13,42 +13,32 @@ import json
 import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from implicit_icl.hf import compute_patch, verify_patch
 
-SIZES = {
-    "1b": dict(
-        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
-    ),
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from timing import llama_style, median_seconds  # noqa: E402
+
+# layers, width, MLP width, heads, key/value heads (benchmarks/timing.llama_style)
+SIZES = {"1b": (16, 2048, 8192, 32, 8), "tiny": (2, 64, 128, 4, 2)}
 
 
-def seconds(function, device: torch.device, repeats: int = 5) -> float:
-    """Median wall time of `function()`, synchronised on CUDA."""
-    times = []
-    for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def seconds(function, device: torch.device) -> float:
+    """Median wall time of `function()` (benchmarks/timing.py), synchronised on CUDA so kernels are counted."""
+
+    def synchronised() -> None:
         function()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+
+    return median_seconds(synchronised, repeats=5, warmup=1)
 
 
 def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
-    config = LlamaConfig(vocab_size=32000, max_position_embeddings=1024, **SIZES[size])
-    torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(config, attn_implementation="eager", dtype=torch.float32)
-    model = model.to(device).eval()
+    model = llama_style(*SIZES[size], vocab=32000, positions=1024).to(device)
     result = {"parameters": sum(p.numel() for p in model.parameters())}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         model.to(dtype)
