@@ -32,6 +32,6 @@ def test_batched_patches_dynamics_and_generation_run_on_the_models_device(device
     for (context, query), patch in zip(pairs, compute_patches(model, pairs), strict=True):
         assert verify_patch(model, context, query, patch).max_abs_logit_diff <= 1e-5
     trajectory = prefix_patches(model, pairs[0][0], pairs[0][1])
-    assert len(trajectory.prefix_lengths) == pairs[0][0].numel() + 1
+    assert len(trajectory.prefix_lengths) == pairs[0][0].numel() + 1 and trajectory.max_abs_logit_diff <= 1e-5
     generation = patched_generate(model, pairs[0][0], pairs[0][1], 4, dtype=torch.float64)
     assert generation.tokens_patched == generation.tokens_with_context
