@@ -38,6 +38,9 @@ run: $(VENV)/.base
 	$(VENV)/bin/implicit-icl demo
 
 test: $(VENV)/.dev
+	# The explorer's browser test drives a real headless Chromium (it skips, saying why, where none can be installed).
+	command -v chromium >/dev/null || (command -v apt-get >/dev/null && (apt-get install -y -q chromium chromium-driver \
+		|| (apt-get update -q && apt-get install -y -q chromium chromium-driver))) || true
 	$(PY) -m pytest
 
 bench: $(VENV)/.dev

@@ -19,6 +19,7 @@ LAYERS = [
     {"report"},
     {"studies"},
     {"toy"},
+    {"explore"},  # below cli, whose `explore` command starts it
     {"hf", "cli"},
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

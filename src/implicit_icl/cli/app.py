@@ -285,6 +285,27 @@ def compile_context(
     emit(shown, as_json, f"{result['task']}: compiled patch vs ICL, task and function vectors (held-out queries)")
 
 
+@app.command()
+def explore(
+    model: str | None = _MODEL,
+    dtype: str = _DTYPE,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 shares the explorer on the network)"),
+    port: int = typer.Option(8765, help="port to listen on"),
+    no_browser: bool = typer.Option(False, "--no-browser", help="only print the URL; do not open a browser"),
+) -> None:
+    """An interactive explorer in the browser: every prefix's patch, the whole patch, compiled patches."""
+    from implicit_icl.explore.server import bound_socket, serve
+    from implicit_icl.models.load import load_model
+    from implicit_icl.models.options import RunOptions
+
+    try:
+        RunOptions(model, dtype)  # checks --dtype before anything loads
+        bound_socket(host, port).close()  # a taken port fails before the model loads
+        serve(load_model(model, dtype), host, port, open_browser=not no_browser)
+    except ImplicitICLError as error:
+        fail(error)
+
+
 def _print_changes(changes: list[dict]) -> None:
     table = Table(title="what the patch changes")
     for column in ("layer", "parameter", "kind", "norm"):

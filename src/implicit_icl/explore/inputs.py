@@ -50,7 +50,9 @@ def text_field(payload: dict, name: str, required: bool = True, allow_empty: boo
 
 def ids_field(payload: dict, name: str) -> list[int]:
     """payload[name] as a non-empty list of integers (booleans are not integers here)."""
-    value = payload[name]
+    value = payload.get(name)
+    if value is None:
+        raise ImplicitICLError(f"the request has no {name!r}; give it as a list of integer token ids")
     if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
         raise ImplicitICLError(f"{name!r} must be a list of integer token ids")
     if not value:

@@ -28,7 +28,7 @@ def create_app(loaded: LoadedModel):
     """The FastAPI app over one loaded model (see the module docstring)."""
     from fastapi import Body, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
 
     explorer = Explorer(loaded)
@@ -60,6 +60,10 @@ def create_app(loaded: LoadedModel):
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def no_icon():
+        return Response(status_code=204)
 
     @app.get("/api/info")
     def info():
