@@ -2,7 +2,11 @@
 one-line 4xx errors, one computation runs at a time, and the server listens on 127.0.0.1 unless told otherwise."""
 
 import json
+import signal
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,6 +231,24 @@ def test_the_command_serves_on_127_0_0_1_unless_told(loaded, monkeypatch):
     assert served == [("127.0.0.1", False), ("0.0.0.0", True)]
     bad = CliRunner().invoke(cli_app, ["explore", "--dtype", "float8", "--no-browser"])
     assert bad.exit_code == 2 and "float8" in bad.output
+
+
+def test_the_command_prints_its_url_serves_and_stops_on_ctrl_c(tmp_path):
+    """The real `implicit-icl explore` on a saved tiny model: its printed URL answers; SIGINT stops it, exit 0."""
+    tiny_model("llama", dtype=torch.float32).save_pretrained(tmp_path)
+    command = [str(Path(sys.executable).with_name("implicit-icl")), "explore", "--model", str(tmp_path), "--port", "0"]
+    server = subprocess.Popen([*command, "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        url = line.split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:"), line
+        with urllib.request.urlopen(url + "api/info", timeout=10) as response:
+            assert json.load(response)["n_layers"] == 2
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        assert server.stdout.read().strip() == "implicit-icl explore: stopped"
+    finally:
+        server.kill()
 
 
 def test_default_model_patch_endpoint_on_one_text_prompt(default_model):

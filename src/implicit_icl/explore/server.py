@@ -125,8 +125,11 @@ def serve(loaded: LoadedModel, host: str = DEFAULT_HOST, port: int = DEFAULT_POR
         threading.Timer(0.5, webbrowser.open, [url]).start()
     try:
         uvicorn_server(create_app(loaded)).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn has shut down and re-raises the Ctrl-C it caught
+        pass
     finally:
         sock.close()
+    sys.stdout.write("implicit-icl explore: stopped\n")
     return url
 
 
