@@ -317,7 +317,8 @@ async function runCompile() {
   if (queries.length) body.queries = queries;
   if ($("task").value) body.task = $("task").value;
   else {
-    body.demonstrations = $("demonstrations").value;
+    // every demonstration ends with a blank line, the last one too, so that the queries start a new line
+    body.demonstrations = $("demonstrations").value.replace(/\s*$/, "\n\n");
     body.calibration = asQueries($("calibration").value);
   }
   state.compile = await post("compile", body);
