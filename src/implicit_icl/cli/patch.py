@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+
 from implicit_icl.engine.construct import compute_patch
+from implicit_icl.engine.forward import model_device
 from implicit_icl.engine.generate import patched_generate
 from implicit_icl.engine.verify import verify_patch
 from implicit_icl.errors import ImplicitICLError
@@ -49,7 +52,8 @@ def patch_report(options: RunOptions, drop: tuple[int, int] | None, save: Path |
 
 
 def generate_report(options: RunOptions, max_new_tokens: int) -> dict:
-    """Greedy generation with the context and without it under per-token patches."""
+    """Greedy generation with the context and without it under per-token patches, and the time per token
+    of HF's own cached greedy generation of the same prompt, measured in the same run."""
     loaded, context, query = options.load()
     if not loaded.model.can_generate():
         raise ImplicitICLError(f"{loaded.name} has no language-model head and does not generate; use a decoder")
@@ -62,13 +66,38 @@ def generate_report(options: RunOptions, max_new_tokens: int) -> dict:
         dtype=options.arithmetic_dtype,
         progress=True,
     )
+    plain = plain_seconds_per_token(loaded.model, torch.cat([context, query]), max_new_tokens)
     report = dict(
         model=loaded.name,
         family=loaded.model.config.model_type,
+        model_dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         arithmetic_dtype=options.arithmetic,
         **generation.as_dict(),
+        seconds_per_token_plain=plain,
+        patched_to_plain=generation.seconds_per_token_patched / plain,
     )
     if loaded.tokenizer is not None:
         report["text_with_context"] = loaded.tokenizer.decode(generation.tokens_with_context)
         report["text_patched"] = loaded.tokenizer.decode(generation.tokens_patched)
     return report
+
+
+@torch.no_grad()
+def plain_seconds_per_token(model, prompt_ids: torch.Tensor, max_new_tokens: int) -> float:
+    """Seconds per token of HF's cached greedy `generate` of exactly max_new_tokens after prompt_ids [T]."""
+    ids = prompt_ids.to(model_device(model))[None]
+
+    def generate(n: int) -> None:
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+    generate(1)  # warm-up: the first call sets up the generation config
+    start = time.perf_counter()
+    generate(max_new_tokens)
+    return (time.perf_counter() - start) / max_new_tokens

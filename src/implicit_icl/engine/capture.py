@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from implicit_icl.engine.forward import ForwardInputs, StopForward, run_model
 from implicit_icl.engine.spec import FamilySpec, layers_of
@@ -83,16 +83,25 @@ class ContextStates:
     residual_sums: list[Tensor]
     outputs: list[dict[str, Tensor]]
     experts: list[dict[str, Tensor]]
+    logits: Tensor | None = None  # [B, T, V], when the run went on through the head
 
 
 @torch.no_grad()
 def record_context(
-    model: PreTrainedModel, spec: FamilySpec, inputs: ForwardInputs, rows: Tensor, replay: bool = False
+    model: PreTrainedModel,
+    spec: FamilySpec,
+    inputs: ForwardInputs,
+    rows: Tensor,
+    replay: bool = False,
+    cache: Cache | None = None,
+    head: bool = False,
 ) -> ContextStates:
     """One context-ful forward pass of `inputs` (any batch: plain, padded or with a custom mask), read at
     rows [N, 2] of (sequence, position index); it stops after the last layer.
 
-    replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`)."""
+    replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`).
+    cache: the keys and values of the tokens before `inputs` (see `run_model`); the run extends it.
+    head: run on through the head and keep the logits."""
     layers = layers_of(model, spec)
     n_layers = len(layers)
     sequence, position = rows.to(inputs.input_ids.device).unbind(-1)
@@ -117,7 +126,7 @@ def record_context(
         def hook(module, args, output):
             if spec.residual_sum is None:
                 states.residual_sums[layer] = at_positions(first_output(output))
-            if layer == n_layers - 1:
+            if layer == n_layers - 1 and not head:
                 raise StopForward
 
         return hook
@@ -165,5 +174,5 @@ def record_context(
         for path in recorded:
             handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
     with hooked(handles):
-        run_model(model, inputs)
-    return states
+        logits = run_model(model, inputs, cache)
+    return replace(states, logits=logits)

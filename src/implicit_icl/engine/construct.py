@@ -186,39 +186,62 @@ def chain_patches(
 
     feed_context_inputs: the reduced sequences are one token each, so every layer is fed its recorded
     context-ful input and replays what it can (no re-run of any layer)."""
+    mode = "fed" if feed_context_inputs else "rerun"
+    return _construct(model, spec, states, reduced, output, dtype, mode)[0]
+
+
+@torch.no_grad()
+def patched_token_logits(
+    model: PreTrainedModel, spec: FamilySpec, states: ContextStates, reduced: ForwardInputs, output: str, dtype
+) -> tuple[dict[str, Delta], Tensor]:
+    """`chain_patches` for one-token reduced sequences [N, 1] that run on as the patched model runs them:
+    each layer gets the previous patched layer's output, its input side patched as it is built and its
+    output side's effect added to the layer output (computed by the patched modules from their inputs).
+    So the one pass that builds the patch also gives the logits of the tokens alone under it: [N, V].
+    For a mixture of experts the layer is re-run with its output side instead."""
+    deltas, logits = _construct(model, spec, states, reduced, output, dtype, "rerun" if spec.experts else "add")
+    return deltas, logits[:, -1]
+
+
+def _construct(model, spec, states, reduced, output, dtype, mode: str) -> tuple[dict[str, Delta], Tensor | None]:
+    """The construction pass in one of three modes: "fed", "rerun" or "add" (see `_LayerConstruction`)."""
     layers = layers_of(model, spec)
     constructions = [
-        _LayerConstruction(
-            index, layer, spec, states, output, dtype, feed_context_inputs, last=index == len(layers) - 1
-        )
+        _LayerConstruction(index, layer, spec, states, output, dtype, mode, last=index == len(layers) - 1)
         for index, layer in enumerate(layers)
     ]
     handles = [handle for construction in constructions for handle in construction.register()]
     replay = {}
-    if feed_context_inputs:
+    if mode == "fed":
         for construction in constructions:
             replay.update(construction.replay_outputs())
     with hooked(handles), replayed(replay):
-        run_model(model, reduced)
+        logits = run_model(model, reduced)
     prefix = layers_path(model, spec)
-    return {
+    deltas = {
         f"{prefix}.{construction.index}.{name}": delta
         for construction in constructions
         for name, delta in construction.deltas.items()
     }
+    return deltas, logits
 
 
 class _LayerConstruction:
     """The hooks that build one layer's patch during the reduced forward pass.
 
     Deltas are keyed by parameter path inside the layer and batched over the N reduced sequences; the
-    patched token is position −1 of each."""
+    patched token is position −1 of each. mode: how the pass goes on after the layer's output side is
+    solved: "fed" (one-token inputs; the next layer is fed its context-ful input), "rerun" (the layer runs
+    again with its output side, which also moves the other positions) or "add" (one-token inputs; the
+    output side's effect is added to this token's layer output)."""
 
-    def __init__(self, index, layer: nn.Module, spec, states, output, dtype, feed_context_inputs, last):
+    def __init__(self, index, layer: nn.Module, spec, states, output, dtype, mode: str, last):
         self.index, self.layer, self.spec, self.states = index, layer, spec, states
-        self.output, self.dtype, self.feed_context_inputs, self.last = output, dtype, feed_context_inputs, last
+        self.output, self.dtype, self.mode, self.last = output, dtype, mode, last
+        self.feed_context_inputs = mode == "fed"
         self.deltas: dict[str, Delta] = {}
         self.seen: dict[str, Tensor] = {}  # the reduced run's values at the patched token
+        self.raw: dict[str, Tensor] = {}  # the same, [N, 1, ·] in the model's dtype
         self.rerunning = False
         self.experts = None
         if spec.experts is not None:
@@ -229,7 +252,7 @@ class _LayerConstruction:
                 states.experts[index],
                 self.deltas,
                 dtype,
-                other_tokens=not feed_context_inputs,
+                other_tokens=mode == "rerun",
             )
 
     def register(self) -> list:
@@ -275,9 +298,9 @@ class _LayerConstruction:
     def _record(self, input_key: str, output_key: str | None):
         def hook(module, args, output):
             if not self.rerunning:
-                self.seen[input_key] = self._query(args[0])
+                self.seen[input_key], self.raw[input_key] = self._query(args[0]), args[0][:, -1:].clone()
                 if output_key is not None:
-                    self.seen[output_key] = self._query(output)
+                    self.seen[output_key], self.raw[output_key] = self._query(output), output[:, -1:].clone()
 
         return hook
 
@@ -319,6 +342,8 @@ class _LayerConstruction:
             if self.last:
                 raise StopForward
             return None  # the next layer is fed its context-ful input anyway
+        if self.mode == "add":
+            return _with_added(output, self._output_side_effect(output_deltas))
         self.rerunning = True
         try:
             with self._output_side_applied(module, output_deltas):
@@ -332,6 +357,25 @@ class _LayerConstruction:
         if self.experts is None:
             return hooks_applied(layer, output_deltas, batched=True)
         return deltas_applied(layer, {name: delta[0] for name, delta in self.deltas.items()})
+
+    def _output_side_effect(self, output_deltas: dict[str, Delta]) -> Tensor:
+        """How far the output side's patch moves this token's layer output [N, 1, d]: the patched output
+        modules (as `Patch.applied` computes them) minus what they gave, from their recorded inputs. The
+        MLP output (or its post-norm) joins the residual stream directly in every decoder."""
+        spec = self.spec
+
+        def patched(path: str, module_input: Tensor, module_output: Tensor) -> Tensor:
+            """The module's output with its deltas on (a norm is re-run even without: its input moved)."""
+            deltas = {
+                name.removeprefix(f"{path}."): d for name, d in output_deltas.items() if name.startswith(f"{path}.")
+            }
+            return delta_hook(deltas, batched=True)(self.layer.get_submodule(path), (module_input,), module_output)
+
+        moved = patched(spec.mlp_output, self.raw["inner"], self.raw["mlp_output"]) - self.raw["mlp_output"]
+        if spec.post_mlp_norm is None:
+            return moved
+        norm_output = self.raw["norm_output"]
+        return patched(spec.post_mlp_norm, self.raw["norm_input"] + moved, norm_output) - norm_output
 
     def _output_side(self, shift: Tensor) -> dict[str, Delta]:
         if self.experts is not None:
@@ -360,6 +404,13 @@ class _LayerConstruction:
         normalized = _normalized(norm, mlp_output, 1.0 - spec.norm_offset).to(self.dtype)
         deltas[f"{spec.post_mlp_norm}.weight"] = scale_reaching(target, normalized) - scale
         return deltas
+
+
+def _with_added(output: Tensor | tuple, shift: Tensor) -> Tensor | tuple:
+    """A layer's output (a tensor or a tuple led by the hidden states) with shift added to its last token."""
+    hidden = first_output(output)
+    hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + shift], 1)
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tensor:

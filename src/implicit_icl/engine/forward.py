@@ -10,12 +10,13 @@ Positions are explicit everywhere, so a token can sit at its original absolute p
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from implicit_icl.engine.spec import spec_for
 from implicit_icl.errors import ImplicitICLError
@@ -69,20 +70,36 @@ class ForwardInputs:
         return ForwardInputs(self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device))
 
 
-def run_model(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | None:
+def run_model(model: PreTrainedModel, inputs: ForwardInputs, cache: Cache | None = None) -> Tensor | None:
     """The model's output (logits, or the last hidden state of an encoder) [B, T, ·]; None when a hook
     stopped the run after the last layer.
 
     The padding mask is always passed (all ones when nothing is padded): without it HF reads a jump in
-    position_ids (a removed span) as the start of another packed sequence and hides the tokens before it."""
-    mask = model_attention_mask(model, inputs)
+    position_ids (a removed span) as the start of another packed sequence and hides the tokens before it.
+    cache: the keys and values of earlier tokens of plain sequences, which `inputs` continue; the run
+    appends its own (also when a hook stops it, since every layer's attention has run by then)."""
+    if cache is None:
+        mask = model_attention_mask(model, inputs)
+    else:
+        mask = torch.ones_like(inputs.input_ids).expand(-1, cache.get_seq_length() + inputs.input_ids.shape[1])
+    cached = {} if cache is None else {_cache_argument(model): cache}
     try:
         output = model(
-            input_ids=inputs.input_ids, position_ids=inputs.position_ids, attention_mask=mask, use_cache=False
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=mask,
+            use_cache=cache is not None,
+            **cached,
         )
     except StopForward:
         return None
     return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The name the model's forward takes its cache by: `cache` since transformers 5.25, `past_key_values`
+    before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def model_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | dict[str, Tensor]:
