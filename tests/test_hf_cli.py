@@ -80,6 +80,11 @@ def test_generate_agrees_token_for_token(saved):
     report = _run("generate", "--model", str(saved["llama"]), "--context-ids", CONTEXT, "--query-ids", "7")
     assert len(report["tokens_with_context"]) == len(report["tokens_patched"]) == 32
     assert report["tokens_patched"] == report["tokens_with_context"] and report["agreement"] == 1.0
+    assert report["teacher_forced_agreement"] == 1.0
+    assert report["seconds_per_token_patched"] > 0 and report["seconds_per_token_plain"] > 0
+    assert report["patched_to_plain"] == pytest.approx(
+        report["seconds_per_token_patched"] / report["seconds_per_token_plain"]
+    )
 
 
 @pytest.mark.parametrize(
