@@ -1,4 +1,5 @@
-"""A static index.html: a title, a table of headline numbers, and figures with captions."""
+"""A static index.html: a title, a table of headline numbers, and figures with captions (their SVG, hover values
+included, with the PNG as fallback)."""
 
 from __future__ import annotations
 
@@ -31,17 +32,13 @@ def write_report(
         f"<tr><td>{html.escape(str(key))}</td><td>{html.escape(cell(value))}</td></tr>"
         for key, value in summary.items()
     )
-    blocks = "\n".join(
-        f'<figure><img src="{html.escape(figure.file)}" alt="{html.escape(figure.caption)}">'
-        f"<figcaption>{html.escape(figure.caption)}</figcaption></figure>"
-        for figure in figures
-    )
+    blocks = "\n".join(figure_html(figure.file, figure.caption) for figure in figures)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }}
 table {{ border-collapse: collapse; }} td {{ border-bottom: 1px solid #ddd; padding: 0.2rem 0.8rem; }}
-figure {{ margin: 2rem 0; }} img {{ max-width: 100%; }} figcaption {{ color: #333; font-size: 0.95rem; }}
+figure {{ margin: 2rem 0; }} img, object {{ max-width: 100%; }} figcaption {{ color: #333; font-size: 0.95rem; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(intro)}</p>
@@ -50,6 +47,15 @@ figure {{ margin: 2rem 0; }} img {{ max-width: 100%; }} figcaption {{ color: #33
 </body></html>
 """
     return write_atomically(Path(directory) / "index.html", lambda temporary: temporary.write_text(page))
+
+
+def figure_html(file: str, caption: str) -> str:
+    """A figure: its SVG (hover values, report/hover.py) where one sits beside the PNG, else the PNG itself."""
+    image = f'<img src="{html.escape(file)}" alt="{html.escape(caption)}">'
+    if file.endswith(".png"):
+        svg = html.escape(file.removesuffix(".png") + ".svg")
+        image = f'<object data="{svg}" type="image/svg+xml" aria-label="{html.escape(caption)}">{image}</object>'
+    return f"<figure>{image}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def cell(value: object) -> str:

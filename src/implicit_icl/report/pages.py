@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from implicit_icl.atomic import write_atomically  # noqa: E402
 from implicit_icl.report.figures import save_figure  # noqa: E402
-from implicit_icl.report.html import cell, check_out_folder, markdown  # noqa: E402, F401 (re-exported)
+from implicit_icl.report.hover import Hover, value  # noqa: E402
+from implicit_icl.report.html import cell, check_out_folder, figure_html, markdown  # noqa: E402, F401 (re-exported)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.45; }
@@ -25,7 +26,7 @@ table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.92rem; 
 th, td { border-bottom: 1px solid #ddd; padding: 0.2rem 0.7rem; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 caption { caption-side: bottom; text-align: left; color: #333; font-size: 0.9rem; padding-top: 0.3rem; }
-figure { margin: 1.5rem 0; } img { max-width: 100%; } figcaption { color: #333; font-size: 0.9rem; }
+figure { margin: 1.5rem 0; } img, object { max-width: 100%; } figcaption { color: #333; font-size: 0.9rem; }
 code, pre { background: #f4f4f4; padding: 0 0.2rem; } pre { padding: 0.6rem; overflow-x: auto; }
 """
 
@@ -54,10 +55,7 @@ class Page:
         )
 
     def figure(self, file: str, caption: str) -> None:
-        self.blocks.append(
-            f'<figure><img src="{html.escape(file)}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+        self.blocks.append(figure_html(file, caption))
 
     def write(self, directory: Path) -> Path:
         """directory/index.html, written atomically."""
@@ -83,18 +81,23 @@ def plot_bars(stem: Path, groups: list[str], series: list[Bars], ylabel: str, ti
     """A grouped bar chart (one group per x label, one bar per series) as stem.png and stem.svg."""
     width = 0.8 / len(series)
     figure, axis = plt.subplots(figsize=(max(6.4, 0.45 * len(groups) * len(series) / 1.5), 4.4), dpi=110)
+    hover = Hover()
     for index, bars in enumerate(series):
         x = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
         errors = None
+        titles = [f"{bars.label}, {group}: {value(v)}" for group, v in zip(groups, bars.values, strict=True)]
         if bars.low is not None and bars.high is not None:
             errors = [
                 [v - lo for v, lo in zip(bars.values, bars.low, strict=True)],
                 [hi - v for v, hi in zip(bars.values, bars.high, strict=True)],
             ]
-        axis.bar(x, bars.values, width, yerr=errors, capsize=2, label=bars.label, error_kw={"linewidth": 0.8})
+            titles = [f"{t} [{value(lo)}, {value(hi)}]" for t, lo, hi in zip(titles, bars.low, bars.high, strict=True)]
+        drawn = axis.bar(x, bars.values, width, yerr=errors, capsize=2, label=bars.label, error_kw={"linewidth": 0.8})
+        for rectangle, title in zip(drawn.patches, titles, strict=True):
+            hover.mark(rectangle, [title])
     axis.set_xticks(range(len(groups)), groups, rotation=60, ha="right", fontsize=8)
     axis.set(ylabel=ylabel, title=title, ylim=(0, 1.18), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
     axis.grid(axis="y", alpha=0.3)
     axis.legend(fontsize=8, ncol=len(series), loc="upper center")
     figure.tight_layout()
-    return save_figure(figure, stem)
+    return save_figure(figure, stem, hover)
