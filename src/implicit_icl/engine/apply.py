@@ -265,13 +265,16 @@ def delta_hook(deltas: dict[str, Delta], batched: bool):
 
     def hook(module: nn.Module, args: tuple, output):
         if isinstance(module, nn.Linear | Conv1D):
-            x = args[0]
+            # In bfloat16 or float16 the effect is summed in float32 and rounded once, at the end: rounding
+            # U (V^T x) and the sum separately would cost two roundings of the size of the patched output.
+            x, model_dtype = args[0], output.dtype
+            working = output.float() if output.element_size() < 4 else output
             for delta in deltas.values():
                 if isinstance(delta, LowRankUpdate):
-                    output = output + delta.apply(x)
+                    working = working + delta.apply(x.to(working.dtype))
                 else:
-                    output = output + per_sequence(delta, output)
-            return output
+                    working = working + per_sequence(delta, working)
+            return working.to(model_dtype)
         if batched and any(isinstance(delta, LowRankUpdate) for delta in deltas.values()):
             raise ImplicitICLError(
                 f"a batched patch cannot act on {type(module).__name__} through hooks; apply its entries one by one"
