@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from implicit_icl.cli import app
-from implicit_icl.hf import compute_patch, patched_generate
+from implicit_icl.hf import compute_patch, compute_patches, patched_generate
 from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
 from implicit_icl.studies.evaluate import run as suite
 from implicit_icl.studies.evaluate.metrics import disagreements, first_token_metrics
 from implicit_icl.studies.evaluate.scores import EvaluationSettings, Scores, answer_batch
 from implicit_icl.tasks import EncodedPrompt, Example, Prompt
-from implicit_icl.tasks.evaluate import answer_ends
+from implicit_icl.tasks.evaluate import answer_ends, greedy_continuations, next_token_logits
 
 runner = CliRunner()
 NEWLINE = 7  # the fake tokenizer's separator
@@ -100,8 +100,11 @@ def test_whole_answers_match_hfs_generate_and_patched_generate():
             assert icl[row] == truncated(generated[0, len(prompt.input_ids) :].tolist(), budget)
             alone = model.generate(prompt.query_ids[None], max_new_tokens=budget, do_sample=False, eos_token_id=None)
             assert zero_shot[row] == truncated(alone[0, len(prompt.query_ids) :].tolist(), budget)
-            # The engine's own generator: per-token patches, the first from the last query token alone.
-            reference = patched_generate(model, prompt.context_ids, prompt.query_ids, budget, dtype=torch.float64)
+            # The engine's uncached generator: per-token patches from scratch, the first from the last query
+            # token alone.
+            reference = patched_generate(
+                model, prompt.context_ids, prompt.query_ids, budget, dtype=torch.float64, cache=False
+            )
             assert patched[row] == truncated(reference.tokens_patched, budget)
     assert patched == icl
 
@@ -116,6 +119,31 @@ def test_float32_whole_answers_through_hfs_cache_agree_with_the_patched_ones():
         assert answers.icl[row] == truncated(generated[0, len(prompt.input_ids) :].tolist(), budget)
     assert answers.patched == answers.icl
     assert (answers.logits.patched - answers.logits.icl).abs().max() <= 1e-4
+
+
+def uncached_patched_answers(model, prompts, first_tokens, ends) -> list[list[int]]:
+    """The reference: each step re-reads the whole sequence and patches its newest token from scratch."""
+
+    def next_tokens(sequences):
+        patches = compute_patches(model, [(s[:-1], s[-1:]) for s in sequences])
+        with patches.applied(model):
+            return next_token_logits(
+                model, [s[-1:] for s in sequences], [torch.tensor([len(s) - 1]) for s in sequences]
+            ).argmax(-1)
+
+    sequences, budgets = [p.input_ids for p in prompts], [p.generation_budget for p in prompts]
+    return greedy_continuations(next_tokens, sequences, budgets, ends, first_tokens)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3_text"])
+def test_cached_whole_answers_equal_the_uncached_reference(family):
+    model, tokenizer = tiny_model(family, seed=5, dtype=torch.float32), DigitTokenizer()
+    prompts = id_prompts([(12, 2, 5), (25, 3, 3), (6, 1, 6), (30, 2, 6)], seed=13)
+    ends = answer_ends(tokenizer)
+    answers = answer_batch(model, prompts, torch.float32, ends=ends)
+    first = [answer[0] for answer in answers.patched]
+    assert answers.patched == uncached_patched_answers(model, prompts, first, ends)
+    assert sum(len(answer) for answer in answers.patched) > len(prompts)  # answers of more than one token
 
 
 def test_metrics_pair_the_sides_and_list_every_disagreement():

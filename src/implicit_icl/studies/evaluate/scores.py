@@ -8,7 +8,8 @@ Per batch of prompts (docs/experiments.md §6), at the answer position:
   through hooks, entry i on batch row i, on the same left-padded layout the construction used.
 Whole answers are decoded greedily until the separator. The patched side never sees the context: its first
 token is the patched first-token prediction, and each later step feeds the newest token alone, at its
-position, under the exact patch computed from everything before it (batched over the prompts still running).
+position, under the exact patch of everything before it, built from a key-value cache of the sequence so far
+(`engine.growing.GrowingContext`, one prompt at a time).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from implicit_icl.engine.construct import compute_patches
+from implicit_icl.engine.growing import GrowingContext
 from implicit_icl.errors import ImplicitICLError
-from implicit_icl.tasks import EncodedPrompt, Prompt, Task, encode, greedy_continuations, sample_prompts
-from implicit_icl.tasks.evaluate import NextTokens, answer_ends, decode_greedily, next_token_logits
+from implicit_icl.tasks import EncodedPrompt, Prompt, Task, encode, sample_prompts
+from implicit_icl.tasks.evaluate import answer_ends, decode_greedily, next_token_logits
 
 Progress = Callable[[int], None]  # called with the number of prompts just finished
 
@@ -72,11 +74,26 @@ def patched_next_token_logits(
         return next_token_logits(model, queries, positions)
 
 
-def patched_next_tokens(model: PreTrainedModel, arithmetic: torch.dtype) -> NextTokens:
-    """The greedy choice of each sequence's last token alone under the patch of the tokens before it."""
-    return lambda sequences: patched_next_token_logits(
-        model, [s[:-1] for s in sequences], [s[-1:] for s in sequences], arithmetic
-    ).argmax(-1)
+def patched_answers(
+    model: PreTrainedModel,
+    sequences: Sequence[Tensor],
+    budgets: Sequence[int],
+    ends: Callable[[int], bool],
+    first_tokens: Sequence[int],
+    arithmetic: torch.dtype,
+) -> list[list[int]]:
+    """Up to budgets[b] greedy tokens after each sequence b [T_b] without its context, starting from
+    first_tokens[b]: each next token is the newest one alone under the patch of everything before it, from a
+    growing key-value cache (engine/growing.py: two one-token passes per token)."""
+    answers = []
+    for sequence, budget, token in zip(sequences, budgets, first_tokens, strict=True):
+        answer, growing = ([token] if budget > 0 else []), None
+        while answer and not ends(token) and len(answer) < budget:
+            growing = growing or GrowingContext(model, sequence, None, arithmetic)
+            token = int(growing.step(token).patched_logits.argmax())
+            answer.append(token)
+        answers.append(answer)
+    return answers
 
 
 @dataclass(frozen=True)
@@ -107,7 +124,7 @@ def answer_batch(
     if ends is None:
         return BatchAnswers(logits)
     first = patched_logits.argmax(-1).tolist()
-    patched = greedy_continuations(patched_next_tokens(model, arithmetic), with_context, budgets, ends, first)
+    patched = patched_answers(model, with_context, budgets, ends, first, arithmetic)
     return BatchAnswers(logits, zero_shot, icl, patched)
 
 
