@@ -43,7 +43,7 @@ def one_pass(model, context, query, verify: bool) -> None:
     layer_series(model, trajectory)
 
 
-def ratios(vocab: int, repeats: int, plain: bool) -> list[tuple[str, float, str]]:
+def ratios(vocab: int, repeats: int) -> list[tuple[str, float, str]]:
     """Each repeat times the loops and the one pass back to back (load drifting on a shared machine hits them
     alike); the median of the per-repeat ratios."""
     model = model_of(vocab)
@@ -51,12 +51,11 @@ def ratios(vocab: int, repeats: int, plain: bool) -> list[tuple[str, float, str]
     context = torch.randint(0, vocab, (CONTEXT,), generator=generator)
     query = torch.randint(0, vocab, (1,), generator=generator)
     steps = {
+        "plain loop": lambda: forward_loop(model, context, query, lean=False),
         "lean loop": lambda: forward_loop(model, context, query, lean=True),
         "one pass": lambda: one_pass(model, context, query, verify=False),
         "verified": lambda: one_pass(model, context, query, verify=True),
     }
-    if plain:
-        steps["plain loop"] = lambda: forward_loop(model, context, query, lean=False)
     for step in steps.values():  # warm-up
         step()
     seconds = {name: [] for name in steps}
@@ -68,15 +67,12 @@ def ratios(vocab: int, repeats: int, plain: bool) -> list[tuple[str, float, str]
         f"Llama-style, {LAYERS} layers, width {WIDTH}, vocab {vocab}, n = {CONTEXT}, 1-token query, float32, "
         f"{torch.get_num_threads()} threads; median of {repeats}"
     )
-    rows = []
-    if plain:
-        rows.append(
-            ("plain loop (HF forward per prefix) / one-pass dynamics", ratio("plain loop", "one pass"), setting)
-        )
-    rows.append(("lean loop (head on the last token) / one-pass dynamics", ratio("lean loop", "one pass"), setting))
-    rows.append(("lean loop / one-pass dynamics, verified", ratio("lean loop", "verified"), setting))
-    return rows
+    return [
+        ("plain loop (HF forward per prefix) / one-pass dynamics", ratio("plain loop", "one pass"), setting),
+        ("lean loop (head on the last token) / one-pass dynamics", ratio("lean loop", "one pass"), setting),
+        ("lean loop / one-pass dynamics, verified", ratio("lean loop", "verified"), setting),
+    ]
 
 
 def run(repeats: int = 3) -> list[tuple[str, float, str]]:
-    return ratios(32_000, repeats, plain=True) + ratios(1_024, repeats, plain=False)
+    return ratios(32_000, repeats) + ratios(1_024, repeats)
