@@ -35,7 +35,9 @@ def scores(family: str, output: str, prompts: int, tokens: int) -> list[float]:
         hooks, weights = (
             patched_generate(bf16, ids[:-1], ids[-1:], tokens, output=output, via=via) for via in ("hooks", "weights")
         )
-        rows.append([hooks.teacher_forced_agreement, hooks.agreement, weights.agreement, *floor(bf16, float32, ids, tokens)])
+        rows.append(
+            [hooks.teacher_forced_agreement, hooks.agreement, weights.agreement, *floor(bf16, float32, ids, tokens)]
+        )
     return [statistics.mean(column) for column in zip(*rows, strict=True)]
 
 

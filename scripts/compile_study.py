@@ -1,7 +1,8 @@
-"""The compile study on the default model: pilot, comparison, curves (and the editing measurement).
+"""The compile study on the default model (or --model): pilot, comparison, curves (and the editing measurement).
 
     python scripts/compile_study.py pilot   --out out/compile_pilot
     python scripts/compile_study.py compare --out out/compile_study
+    python scripts/compile_study.py compare --model gemma3-270m --contexts 0 --seeds 0 --out out/compile_gemma3
     python scripts/compile_study.py curves  --out out/compile_study
     python scripts/compile_study.py editing --out out/compile_editing
 
@@ -41,13 +42,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("pilot", "compare", "curves", "editing"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default=None, help="as implicit-icl's --model (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--contexts", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    loaded = load_model()
+    loaded = load_model(args.model)
     start = time.perf_counter()
     if args.part == "pilot":
         settings = StudySettings(
@@ -61,7 +63,8 @@ def main() -> None:
         settings = StudySettings(search_ranks=SEARCH_RANKS, ablations=True)
         records = run_many(loaded, args.tasks or TASKS, args.contexts, args.seeds, settings, args.out)
         curve_records = [json.loads(path.read_text()) for path in sorted((args.out / "curves" / "runs").glob("*.json"))]
-        write_comparison(args.out, records, comparison_intro(settings, args, len(records)), curve_records)
+        intro = comparison_intro(loaded, settings, args, len(records))
+        write_comparison(args.out, records, intro, curve_records)
         print((args.out / "tables.md").read_text())
     elif args.part == "curves":  # then run "compare" again to put them in the report
         settings = StudySettings(calibration=128, search_ranks=SEARCH_RANKS)
@@ -75,16 +78,18 @@ def main() -> None:
     print(f"{time.perf_counter() - start:.0f} s")
 
 
-def comparison_intro(settings: StudySettings, args, n_runs: int) -> str:
+def comparison_intro(loaded, settings: StudySettings, args, n_runs: int) -> str:
+    config = loaded.model.config
+    heads = config.num_hidden_layers * config.num_attention_heads
     return (
-        f"SmolLM2-135M-Instruct (float32). {n_runs} runs: tasks × demonstration sets {args.contexts} × seeds "
+        f"{loaded.name} (float32). {n_runs} runs: tasks × demonstration sets {args.contexts} × seeds "
         f"{args.seeds}; K = {settings.shots} demonstrations form the context; per run up to {settings.calibration} "
         f"calibration, {settings.dev} dev and {settings.n} held-out queries, disjoint inputs of the task (fewer "
         f"where a task has fewer inputs). Compiled (default): {DEFAULT.label}, full rank. Compiled (best on dev): λ "
         "∈ {1, 10, 100} × tokens ∈ {all, last} at full rank, then for the best rank 16 and ¼ and ½ of the "
         "calibration queries. Task vector: one dummy query (the first calibration query), layer chosen on dev; also the mean over "
         "all calibration queries. Function vector: mean head outputs over the calibration prompts, indirect "
-        "effects of all 270 heads on the dev queries with the demonstrations' labels shuffled, top k ∈ {5, 10, 20} "
+        f"effects of all {heads} heads on the dev queries with the demonstrations' labels shuffled, top k ∈ {{5, 10, 20}} "
         "heads and the layer chosen on dev."
     )
 

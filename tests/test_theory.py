@@ -142,3 +142,15 @@ def test_norm_scale_patch_refuses_unreachable_coordinates():
         norm_scale_shift(torch.ones(3), torch.tensor([1.0, 0.0, 2.0]), 1e-6)
     with pytest.raises(ImplicitICLError, match="scale is zero at 1 coordinate"):  # the stable variant reaches it
         check_elementwise_scale(torch.tensor([1.0, 0.0, 1.0]), torch.ones(3))
+
+
+def test_finiteness_check_refuses_every_non_finite_entry_and_no_finite_tensor():
+    """The check decides by one sum: opposite infinities (a NaN sum), a lone NaN and an overflowing but finite
+    sum must each get the right answer."""
+    from implicit_icl.errors import check_finite
+
+    big = torch.full((4,), torch.finfo(torch.float32).max)
+    check_finite("huge", big)  # the sum overflows to inf, every entry is finite
+    for bad in ([1.0, torch.inf, -torch.inf], [torch.nan, 1.0], [torch.inf]):
+        with pytest.raises(ImplicitICLError, match="NaN or infinite"):
+            check_finite("bad", torch.tensor(bad))

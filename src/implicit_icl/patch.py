@@ -238,6 +238,8 @@ def concatenate(patches: Sequence[PatchData]) -> PatchData:
     first = patches[0]
     if not all(patch.batched for patch in patches):
         raise ImplicitICLError("only batched patches can be concatenated; they have an entry dimension")
+    if len(patches) == 1:
+        return first  # frozen: nothing to copy
     deltas = {name: concatenate_deltas([patch.deltas[name] for patch in patches]) for name in first.deltas}
     return replace(first, deltas=deltas, sources=sum((patch.sources for patch in patches), ()))
 

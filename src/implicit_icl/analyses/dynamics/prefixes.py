@@ -148,14 +148,19 @@ def prefix_patches(
     return Trajectory(
         prefix_lengths=tuple(prefixes),
         patch=concatenate([part.patch for part in parts]),
-        context_logits=torch.cat([part.context_logits for part in parts]),
-        patched_logits=torch.cat([part.patched_logits for part in parts]) if verify else None,
-        mlp_inputs=[torch.cat(layer) for layer in zip(*(part.mlp_inputs for part in parts), strict=True)],
+        context_logits=_joined([part.context_logits for part in parts]),
+        patched_logits=_joined([part.patched_logits for part in parts]) if verify else None,
+        mlp_inputs=[_joined(layer) for layer in zip(*(part.mlp_inputs for part in parts), strict=True)],
         method=method,
         notice=notice,
         chunks=len(parts),
         seconds=seconds,
     )
+
+
+def _joined(tensors: Sequence[Tensor]) -> Tensor:
+    """The chunks' rows in order (one chunk, the usual case: itself, not a copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def checked_prefix_lengths(prefix_lengths: Sequence[int] | None, n: int) -> list[int]:
@@ -208,18 +213,21 @@ def prefix_layout(context: Tensor, copies: Sequence[tuple[int, Tensor]]) -> tupl
     module docstring). context: [n]; copies: (prefix length p_j, query ids [q_j]) pairs, any queries.
 
     Returns the inputs (batch of 1, a [1, T, T] visibility mask) and rows [m, 2] = (0, last token of copy j)."""
-    length = max(p for p, _ in copies)
+    starts = torch.tensor([p for p, _ in copies])  # [m]
+    sizes = torch.tensor([query.numel() for _, query in copies])
+    length = int(starts.max())
     ids = torch.cat([context[:length], *(query for _, query in copies)])
-    positions = torch.cat([torch.arange(length), *(p + torch.arange(query.numel()) for p, query in copies)])
-    owner = torch.cat(
-        [torch.full((length,), -1), *(torch.full((query.numel(),), j) for j, (_, query) in enumerate(copies))]
-    )
-    prefix = torch.tensor([p for p, _ in copies] + [length])[owner]  # context tokens (owner −1) see the context
+    # Token t of the copies belongs to copy owner[t], at offset t − (its copy's first index) within it.
+    copy_owner = torch.repeat_interleave(torch.arange(len(copies)), sizes)
+    offsets = torch.arange(copy_owner.numel()) - (sizes.cumsum(0) - sizes)[copy_owner]
+    positions = torch.cat([torch.arange(length), starts[copy_owner] + offsets])
+    owner = torch.cat([torch.full((length,), -1), copy_owner])
+    prefix = torch.cat([starts, torch.tensor([length])])[owner]  # context tokens (owner −1) see the context
     index = torch.arange(ids.numel())
     sees_context = (owner[None, :] < 0) & (index[None, :] < prefix[:, None])
     own_copy = (owner[:, None] == owner[None, :]) & (owner[:, None] >= 0)
     visible = (index[:, None] >= index[None, :]) & (sees_context | own_copy)
-    ends = torch.tensor([query.numel() for _, query in copies]).cumsum(0) + length - 1
+    ends = sizes.cumsum(0) + length - 1
     rows = torch.stack([torch.zeros_like(ends), ends], -1)
     return ForwardInputs(ids[None], positions[None], visible[None]), rows
 
@@ -284,7 +292,8 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
         deltas = {name: concatenate_deltas([entry[name] for entry in entries]) for name in entries[0]}
     else:
         deltas = chain_patches(model, spec, states, reduced, output, dtype, feed_context_inputs=q == 1)
-    sources = [Source(tuple(context[:p].tolist()), tuple(query.tolist()), tuple(range(p, p + q))) for p in prefixes]
+    context_tokens, query_tokens = tuple(context.tolist()), tuple(query.tolist())
+    sources = [Source(context_tokens[:p], query_tokens, tuple(range(p, p + q))) for p in prefixes]
     patch = assemble_patch(model, deltas, output, dtype, sources, None)
     mlp_inputs = reading.mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
     patched_logits = patched_last_logits(model, patch, reduced) if verify else None
