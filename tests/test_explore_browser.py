@@ -1,13 +1,16 @@
 """The explorer's page in a real headless Chromium (Debian's chromium + chromedriver, driven by selenium), served by
 a real uvicorn server on the default model: a typed 2-shot prompt renders 30 layers of heat map cells, a click on
-a cell shows that prefix's top-k, and the page's numbers are the library's for the same prompt.
+a cell shows that prefix's top-k, and the page's numbers are the library's for the same prompt; the compile tab
+opened from a link, then with a typed query, shows the answers that the API gives for the same request.
 
 Set IMPLICIT_ICL_WRITE_FIGURES=1 to also write the screenshot to docs/figures/explorer.png (the README's figure).
 """
 
+import json
 import os
 import shutil
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,50 @@ def test_the_page_shows_every_prefix_and_its_top_k_as_the_library_does(browser, 
         assert [(c.get_attribute("data-layer"), c.get_attribute("data-prefix")) for c in selected] == [
             (str(LAYER), str(PREFIX))
         ]
+
+
+DEMONSTRATIONS = "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA: slow\n\n"
+CALIBRATION, QUERIES = ["Q: wet", "Q: tall", "Q: old", "Q: happy"], ["Q: up", "Q: light"]
+
+
+def api_compile(url: str, queries: list[str]) -> dict:
+    """POST /api/compile with what the page sends for the form (each line + "\nA:")."""
+    body = dict(demonstrations=DEMONSTRATIONS, calibration=[f"{q}\nA:" for q in CALIBRATION])
+    body["queries"] = [f"{q}\nA:" for q in queries]
+    request = urllib.request.Request(
+        urllib.parse.urljoin(url, "api/compile"), json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)
+
+
+def compiled_rows(browser, count: int):
+    """The compile table's rows once the page is idle and holds `count` of them."""
+    if browser.find_element(By.ID, "busy").get_attribute("data-busy") == "true":
+        return None
+    rows = browser.find_elements(By.CSS_SELECTOR, "#compile-results tbody tr")
+    return rows if len(rows) == count else None
+
+
+def assert_rows_are_the_api(rows, expected: dict):
+    assert len(rows) == len(expected["queries"])
+    for row, answer in zip(rows, expected["queries"], strict=True):
+        shown = [int(td.get_attribute("data-token")) for td in row.find_elements(By.CSS_SELECTOR, "td[data-token]")]
+        assert shown == [answer[column][0]["token"] for column in ("compiled", "icl", "zero_shot")]
+
+
+def test_the_compile_tab_answers_as_the_api_does(browser, default_model):
+    with BackgroundServer(default_model) as url:
+        link = dict(
+            tab="compile", demonstrations=DEMONSTRATIONS, calibration="\n".join(CALIBRATION), queries="\n".join(QUERIES)
+        )
+        browser.get(f"{url}?{urllib.parse.urlencode(link)}")  # the link compiles at once
+        rows = wait(browser, lambda: compiled_rows(browser, len(QUERIES)), 120)
+        assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+        assert_rows_are_the_api(rows, api_compile(url, QUERIES))
+
+        typed = [*QUERIES, "Q: early"]
+        type_into(browser, "queries", "\n".join(typed))
+        browser.find_element(By.ID, "run-compile").click()
+        rows = wait(browser, lambda: compiled_rows(browser, len(typed)), 120)
+        assert_rows_are_the_api(rows, api_compile(url, typed))
