@@ -2,7 +2,6 @@
 
     python scripts/compile_study.py pilot   --out out/compile_pilot
     python scripts/compile_study.py compare --out out/compile_study
-    python scripts/compile_study.py compare --model gemma3-270m --contexts 0 --seeds 0 --out out/compile_gemma3
     python scripts/compile_study.py curves  --out out/compile_study
     python scripts/compile_study.py editing --out out/compile_editing
 
@@ -42,7 +41,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=("pilot", "compare", "curves", "editing"))
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", default=None, help="as implicit-icl's --model (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="as implicit-icl's --model (default: SmolLM2-135M-Instruct; Gemma 2/3 are refused)",
+    )
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--contexts", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])

@@ -157,7 +157,6 @@ def compiled_rows(browser, count: int):
 
 
 def assert_rows_are_the_api(rows, expected: dict):
-    assert len(rows) == len(expected["queries"])
     for row, answer in zip(rows, expected["queries"], strict=True):
         shown = [int(td.get_attribute("data-token")) for td in row.find_elements(By.CSS_SELECTOR, "td[data-token]")]
         assert shown == [answer[column][0]["token"] for column in ("compiled", "icl", "zero_shot")]
