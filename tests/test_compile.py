@@ -88,7 +88,7 @@ def test_one_calibration_query_gives_its_exact_patch(family, output):
     assert (reduced_logits(model, [query], CONTEXT_LENGTH) - with_context.float()).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "falcon", "olmo2"])
 def test_interpolating_every_token_of_a_few_queries_reproduces_each_with_its_context(family):
     """With λ = 0 and fewer fitted tokens than dimensions, the least-squares fit interpolates: fitting every
     token of K queries makes each layer give every one of them its context-ful output, so all K at once
@@ -103,7 +103,8 @@ def test_interpolating_every_token_of_a_few_queries_reproduces_each_with_its_con
         with compiled.applied(model):
             inputs = ForwardInputs.padded(queries, [CONTEXT_LENGTH + torch.arange(q.numel()) for q in queries])
             patched = run_model(model, inputs)[:, -1]
-    assert (patched - expected).abs().max() < 1e-8
+    # OLMo 2's norm normalises in float32 even here, and one shared post-norm scale cannot absorb that per token
+    assert (patched - expected).abs().max() < (1e-6 if family == "olmo2" else 1e-8)
     assert compiled.notes["fitted_tokens"] == 11 and compiled.notes["position_offset"] == CONTEXT_LENGTH
 
 
@@ -229,7 +230,7 @@ def test_bad_input_is_refused_in_one_line(unsupported_model):
         (lambda: compile_patch(model, context, []), "no calibration query given"),
         (lambda: compile_patch(model, context, [queries[0], queries[0][:0]]), "calibration query 1 is empty"),
         (lambda: compile_patch(model, context, [torch.tensor([VOCAB_SIZE])]), "outside the model's vocabulary"),
-        (lambda: compile_patch(tiny_model("gemma2"), context, queries), "normalises its MLP output"),
+        (lambda: compile_patch(tiny_model("gemma2"), context, queries, output="bias"), "a bias before that norm"),
         (lambda: compile_patch(tiny_model("mixtral"), context, queries), "routes its MLP through experts"),
         (lambda: compile_patch(tiny_model("bert"), context, queries), "post-LayerNorm encoder"),
         (lambda: compile_patch(unsupported_model, context, queries), "unsupported model family"),

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from implicit_icl.errors import ImplicitICLError
+from implicit_icl.analyses.compile import CompileSettings, compile_patch
+from implicit_icl.engine.forward import ForwardInputs, run_model
 from implicit_icl.hf import compute_patch, verify_patch
 from implicit_icl.models import load
 from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
@@ -82,6 +84,31 @@ def test_elementwise_scale_refuses_zero_scales(family):
     ids = _ids(20, 4)
     with pytest.raises(ImplicitICLError, match=r"^layer 0, mlp.down_proj: the post-norm scale is zero at 3 coordinate"):
         compute_patch(model, ids[:-1], ids[-1:], output="norm")
+
+
+@pytest.mark.parametrize("family", GEMMA_POST_NORM)
+# equal lengths: HF's right-padded Gemma runs differ from unpadded ones by up to 3e-7 even in float64
+@pytest.mark.parametrize(("lengths", "tokens"), [((5,), "last"), ((4, 4, 4), "all+first")])
+def test_compiled_patch_behind_the_post_norm_reproduces_its_calibration(family, lengths, tokens, monkeypatch):
+    """§7 with a post-MLP norm and zero scales: at ridge 0 with fewer fitted tokens than the width, one
+    shared scale and ΔW_down give every fitted token its context-ful output, so each query reproduces its
+    context (float64 norms; HF's float32 ones leave ~1e-7)."""
+    model = _zeroed_scales(family, seed=5)
+    _float64_norms(monkeypatch, model)
+    context = _ids(12, 6)
+    queries = [_ids(length, 7 + k) for k, length in enumerate(lengths)]
+    compiled = compile_patch(model, context, queries, CompileSettings(ridge=0.0, tokens=tokens), torch.float64)
+    assert any(name.endswith("post_feedforward_layernorm.weight") for name in compiled.deltas)
+    positions = [context.numel() + torch.arange(q.numel()) for q in queries]
+    with torch.no_grad():
+        expected = torch.stack(
+            [run_model(model, ForwardInputs.plain(torch.cat([context, q])[None]))[0, -1] for q in queries]
+        )
+        unpatched = run_model(model, ForwardInputs.padded(queries, positions))[:, -1]
+        with compiled.applied(model):
+            patched = run_model(model, ForwardInputs.padded(queries, positions))[:, -1]
+    assert (patched - expected).abs().max() < 1e-8
+    assert (unpatched - expected).abs().max() > 1e-1
 
 
 def test_missing_gemma3_wheels_name_the_pip_command(monkeypatch):

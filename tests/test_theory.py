@@ -14,8 +14,11 @@ from implicit_icl.theory import (
     rank_one_update,
     residual_update,
     rms_normalize,
+    shared_norm_targets,
+    shared_scale_fit,
     skip_update,
     stable_norm_scale_patch,
+    working_norm_scale,
 )
 from implicit_icl.theory.output_side import check_elementwise_scale
 
@@ -107,6 +110,30 @@ def test_output_side_solvers_add_the_shift(inner, width, seed):
     # its scale patch is a multiple of s: no coordinate is divided by a small normalised entry
     ratio = delta_scale / scale
     torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-12, atol=1e-12)
+
+
+@property_settings
+@given(tokens=st.integers(1, 6), extra=st.integers(0, 8), seed=seeds)
+def test_one_shared_post_norm_scale_reaches_every_needed_output(tokens, extra, seed):
+    """§7 behind a post-norm: with T ≪ d tokens, s' ⊙ n(m*_k) = T_k for every k, s' keeps the working
+    scale's signs, m*_k keeps the size of m_k, and the coordinate-wise fit on n(m*) gives s' back. (With
+    d close to T the positive 1/s'² may not exist: one token larger than another in every coordinate.)"""
+    g = torch.Generator().manual_seed(seed)
+    width, eps = 8 * tokens + extra + 8, 1e-6
+    scale = 1 + 0.5 * randn(g, width)
+    scale[0] = 0.0  # real Gemma 3 weights have zero scales
+    working = working_norm_scale(scale, 0.1)
+    mlp_outputs = randn(g, tokens, width)
+    needed = scale * rms_normalize(mlp_outputs, eps) + 0.3 * randn(g, tokens, width)
+    shared, moved = shared_norm_targets(needed, mlp_outputs, working, eps)
+    torch.testing.assert_close(shared * rms_normalize(moved, eps), needed, rtol=1e-10, atol=1e-10)
+    assert torch.equal(torch.sign(shared), torch.sign(working))
+    torch.testing.assert_close(moved.norm(dim=-1), mlp_outputs.norm(dim=-1), rtol=1e-10, atol=0)
+    normalized = rms_normalize(moved, eps)
+    torch.testing.assert_close(shared_scale_fit(needed, normalized, scale, 0.0), shared, rtol=1e-9, atol=1e-9)
+    # one token at ridge 0: the elementwise solution; a large ridge: the prior
+    torch.testing.assert_close(shared_scale_fit(needed[:1], normalized[:1], scale, 0.0), needed[0] / normalized[0])
+    torch.testing.assert_close(shared_scale_fit(needed, normalized, scale, 1e12), scale, rtol=1e-6, atol=1e-6)
 
 
 def test_zero_reference_vector_is_refused():

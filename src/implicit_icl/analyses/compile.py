@@ -17,12 +17,17 @@ tokens' reduced states, computed under the already fitted lower layers, to their
      the output matrix, or a bias Δb = ridge_bias(R) (one steering vector per layer); since the output
      matrix is linear, its effect ΔW_out a (or Δb) is added to the layer's output for every token, so
      the next layer reads the states the patch will really produce.
+   Behind a post-MLP norm (Gemma 2/3, OLMo 2: y = h + s ⊙ n(m)) the output side is the stable form of §4
+   with one scale for all tokens: the branch must give T = R + s ⊙ n(m'); ΔW_out = ridge(m* − m', A) moves
+   each m' towards m* = α T ⊘ ŝ (ŝ: s with its small entries raised, `working_norm_scale`), and the new
+   scale κ ŝ takes κ from a least-squares fit over the tokens (`theory.shared_scale_multiple`).
    Ridges are multiples of trace(Z Z^T)/dim of the fitted tokens (`CompileSettings.ridge`).
 With one calibration query, its last token, ridge 0 and full rank, every fit is the exact rank-1 patch of
-§2/§4 for that query, so the compiled patch is `construct.compute_patch`'s.
+§2/§4 for that query, so the compiled patch is `construct.compute_patch`'s (behind a post-MLP norm it is
+another exact patch for that query: a uniform scale where the stable form's is elementwise).
 
-Supported: families whose MLP output enters the residual stream through a plain matrix (no post-MLP norm,
-no fused experts, no post-LayerNorm block).
+Supported: causal decoders whose MLP output enters the residual stream through a plain matrix, with or
+without a post-MLP norm (no fused experts, no post-LayerNorm block).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from implicit_icl.engine.apply import Patch, model_fingerprint
+from implicit_icl.engine.apply import Patch, forward_with, model_fingerprint, normalized_by, onloaded
 from implicit_icl.engine.capture import ContextStates, first_output, hooked, record_context
 from implicit_icl.engine.forward import ForwardInputs, StopForward, model_device, run_model
 from implicit_icl.engine.inputs import as_token_ids, check_length
@@ -43,7 +48,7 @@ from implicit_icl.engine.queries import checked_queries, reduced_inputs
 from implicit_icl.engine.spec import FamilySpec, layers_of, layers_path, spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.patch import Delta, modules_of
-from implicit_icl.theory import LowRankUpdate
+from implicit_icl.theory import LowRankUpdate, shared_norm_targets, shared_scale_fit, working_norm_scale
 from implicit_icl.theory.least_squares import (
     best_rank_fit,
     relative_ridge,
@@ -52,6 +57,7 @@ from implicit_icl.theory.least_squares import (
     ridge_update,
     truncated,
 )
+from implicit_icl.theory.output_side import STABLE_SCALE_FLOOR
 
 TOKEN_CHOICES = ("all", "last", "all+first")
 OUTPUT_CHOICES = ("down", "bias", "none")
@@ -70,8 +76,9 @@ class CompileSettings:
         full-rank chain's deltas at the end).
     rank_fit: "svd" (the SVD truncation of the full-rank fit) or "data" (the best rank-r fit of the ridge
         objective, P_r ΔW*; theory.least_squares.best_rank_fit).
-    input_side: fit the MLP input matrices; output: "down" (the MLP output matrix), "bias" (a steering vector
-        on its bias) or "none".
+    input_side: fit the MLP input matrices; output: "down" (the MLP output matrix, and behind a post-MLP
+        norm that norm's scale too), "bias" (a steering vector on its bias; not behind a post-MLP norm) or
+        "none".
     """
 
     ridge: float = 1.0
@@ -132,10 +139,10 @@ def _check_family(model: PreTrainedModel) -> FamilySpec:
     family = model.config.model_type
     if spec.encoder or spec.residual_sum is not None:
         raise ImplicitICLError(f"{family} is a post-LayerNorm encoder; compiled patches need a causal decoder")
-    if spec.experts is not None or spec.post_mlp_norm is not None or spec.mlp_output is None:
+    if spec.experts is not None or spec.mlp_output is None:
         raise ImplicitICLError(
-            f"{family} {'routes its MLP through experts' if spec.experts else 'normalises its MLP output'}; compiled "
-            "patches need an MLP output matrix that adds to the residual stream (Llama, Qwen, Mistral, GPT-2, ...)"
+            f"{family} routes its MLP through experts; compiled patches need one MLP output matrix (Llama, Qwen, "
+            "Mistral, GPT-2, Gemma, ...)"
         )
     return spec
 
@@ -188,6 +195,11 @@ def fit_patch(
 ) -> Patch:
     """The chained fit of module docstring step 2, on the recorded calibration (or the queries `subset` of it)."""
     spec = _check_family(model)
+    if spec.post_mlp_norm is not None and settings.output == "bias":
+        raise ImplicitICLError(
+            f"{model.config.model_type} normalises its MLP output, so a bias before that norm is no steering "
+            "vector; use output 'down' (the output matrix and the norm's scale)"
+        )
     if dtype not in (torch.float32, torch.float64):
         raise ImplicitICLError(f"compiled patches are stored in float32 or float64, not {dtype}")
     chosen = list(range(len(calibration))) if subset is None else list(subset)
@@ -287,6 +299,7 @@ class _LayerFit:
         self.inputs: dict[str, Tensor] = {}
         self.ridges: dict[str, float] = {}
         self.inner: Tensor | None = None
+        self.normed: tuple[Tensor, Tensor] | None = None  # the post-MLP norm's input m' and output [B, S, d]
         self.solved: tuple[Tensor, Tensor] | None = None  # (z, its ridge solve) of the input side
         self.last = False
 
@@ -295,6 +308,8 @@ class _LayerFit:
         handles = [layer.register_forward_hook(self._output_side)]
         output_matrix = layer.get_submodule(spec.mlp_output)
         handles.append(output_matrix.register_forward_hook(self._record_inner))
+        if spec.post_mlp_norm is not None:
+            handles.append(layer.get_submodule(spec.post_mlp_norm).register_forward_hook(self._record_normed))
         if self.settings.input_side:
             handles += [
                 layer.get_submodule(path).register_forward_hook(self._input_side(path)) for path in spec.mlp_inputs
@@ -333,18 +348,51 @@ class _LayerFit:
     def _record_inner(self, module, args, output):
         self.inner = args[0]
 
+    def _record_normed(self, module, args, output):
+        self.normed = (args[0], output)
+
     def _output_side(self, module, args, output):
         hidden = first_output(output)
         residual = self.targets["y"] - self._at_rows(hidden)  # R = y_C − y' after the input side
         output_path = self.spec.mlp_output
-        if self.settings.output == "down":
+        if self.settings.output == "down" and self.spec.post_mlp_norm is not None:
+            hidden = hidden + self._fit_through_norm(residual)
+        elif self.settings.output == "down":
             delta = self._fit_matrix(f"{output_path}.weight", residual, self._at_rows(self.inner))
             hidden = hidden + delta.apply(self.inner)
         elif self.settings.output == "bias":
             shift = ridge_bias(residual, self.settings.ridge * residual.shape[0])
             self.deltas[f"{output_path}.bias"] = shift
             hidden = hidden + shift.to(hidden)
-        self.inner = None
+        self.inner = self.normed = None
         if self.last:
             raise StopForward
         return _with_first(output, hidden)
+
+    def _fit_through_norm(self, residual: Tensor) -> Tensor:
+        """The output side behind a post-MLP norm (module docstring, step 2): fits ΔW_out and Δs, returns
+        how far they move the layer's output, [B, S, d]."""
+        spec = self.spec
+        norm = self.layer.get_submodule(spec.post_mlp_norm)
+        mlp_output, branch = self.normed
+        with onloaded(norm):
+            weight = norm.weight.detach().clone()
+        scale = weight.double() + spec.norm_offset
+        needed = residual + self._at_rows(branch)  # T = y_C − (y' − s ⊙ n(m'))
+        ridge = self.settings.ridge
+        shared, moved = shared_norm_targets(
+            needed,
+            self._at_rows(mlp_output),
+            working_norm_scale(scale, STABLE_SCALE_FLOOR),
+            getattr(norm, spec.norm_eps),
+        )
+        down = self._fit_matrix(
+            f"{spec.mlp_output}.weight", moved - self._at_rows(mlp_output), self._at_rows(self.inner)
+        )
+        new_output = mlp_output + down.apply(self.inner).to(mlp_output)
+        normalized = self._at_rows(normalized_by(norm, new_output, 1.0 - spec.norm_offset))
+        scale_delta = shared_scale_fit(needed, normalized, shared, ridge) - scale
+        self.deltas[f"{spec.post_mlp_norm}.weight"] = scale_delta
+        with onloaded(norm):
+            new_branch = forward_with(norm, {"weight": weight + scale_delta.to(weight)}, (new_output,))
+        return new_branch - branch

@@ -313,3 +313,14 @@ def forward_with(module: nn.Module, parameters: dict[str, Tensor], args: tuple):
         return getattr(module, "_old_forward", module.forward)(*args)
     finally:
         module._parameters.update(saved)
+
+
+def normalized_by(norm: nn.Module, inputs: Tensor, unit_weight: float) -> Tensor:
+    """n(x) computed by the norm's own forward (its dtype, its float32 upcast) with its scale set to one.
+
+    inputs: [..., d]; unit_weight: the stored weight that means scale one (1 for w, 0 for Gemma's 1 + w).
+    The forward is called directly, so no hook fires (ours would record this call)."""
+    dtype = norm.weight.dtype
+    weight = torch.full(norm.weight.shape, unit_weight, dtype=dtype, device=inputs.device)
+    with onloaded(norm):
+        return forward_with(norm, {"weight": weight}, (inputs.to(dtype),))

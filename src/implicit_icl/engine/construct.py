@@ -29,9 +29,9 @@ from implicit_icl.engine.apply import (
     Patch,
     delta_hook,
     deltas_applied,
-    forward_with,
     hooks_applied,
     model_fingerprint,
+    normalized_by,
     onloaded,
 )
 from implicit_icl.engine.capture import (
@@ -401,7 +401,7 @@ class _LayerConstruction:
         # by ~1e-7, which would cap the patch's precision there. After the stable variant's rank-1 move the
         # normalised output is parallel to the target, so the division is well-conditioned.
         target = self.seen["norm_output"] + shift
-        normalized = _normalized(norm, mlp_output, 1.0 - spec.norm_offset).to(self.dtype)
+        normalized = normalized_by(norm, mlp_output, 1.0 - spec.norm_offset).to(self.dtype)
         deltas[f"{spec.post_mlp_norm}.weight"] = scale_reaching(target, normalized) - scale
         return deltas
 
@@ -411,14 +411,3 @@ def _with_added(output: Tensor | tuple, shift: Tensor) -> Tensor | tuple:
     hidden = first_output(output)
     hidden = torch.cat([hidden[:, :-1], hidden[:, -1:] + shift], 1)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def _normalized(norm: nn.Module, mlp_output: Tensor, unit_weight: float) -> Tensor:
-    """n(m) computed by the norm's own forward (its dtype, its float32 upcast) with its scale set to one.
-
-    unit_weight: the stored weight that means scale one (1 for w, 0 for Gemma's 1 + w). The forward is
-    called directly, so no hook fires (ours would record this call)."""
-    dtype = norm.weight.dtype
-    weight = torch.full(norm.weight.shape, unit_weight, dtype=dtype, device=mlp_output.device)
-    with onloaded(norm):
-        return forward_with(norm, {"weight": weight}, (mlp_output.to(dtype),))

@@ -17,7 +17,10 @@ from implicit_icl.theory.output_side import (
     output_rank_one,
     rms_normalize,
     scale_reaching,
+    shared_norm_targets,
+    shared_scale_fit,
     stable_norm_scale_patch,
+    working_norm_scale,
 )
 from implicit_icl.theory.rank_one import (
     ImplicitUpdate,
@@ -43,7 +46,10 @@ __all__ = [
     "residual_update",
     "rms_normalize",
     "scale_reaching",
+    "shared_norm_targets",
+    "shared_scale_fit",
     "skip_update",
     "stable_norm_scale_patch",
     "step_norms",
+    "working_norm_scale",
 ]

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, safe_squared_norm
+from implicit_icl.theory.least_squares import ridge_update
 from implicit_icl.theory.low_rank import LowRankUpdate
 
 
@@ -120,3 +121,56 @@ def stable_norm_scale_patch(
     down_update = output_rank_one(moved_output - mlp_output_context, inner_context)
     kappa = torch.sqrt(moved_output.pow(2).mean(-1, keepdim=True) + eps) / alpha
     return down_update, kappa * working_scale - scale
+
+
+def shared_norm_targets(
+    needed: Tensor, mlp_outputs: Tensor, working_scale: Tensor, eps: float, steps: int = 100
+) -> tuple[Tensor, Tensor]:
+    """One post-norm scale s' for T tokens and the MLP outputs m* that s' ⊙ n(m*_k) = T_k asks for (§7).
+
+    n(m) = m / sqrt(rms(m)² + eps) has rms c = rms(m) / sqrt(rms(m)² + eps) < 1 whatever the direction of m,
+    so T_k is reachable only if rms(T_k ⊘ s') = c_k. With s' = ŝ ⊙ exp(−u / 2) these T conditions read
+    f_k(u) = (1/d) Σ_j t_kj² exp(u_j) = c_k², t_k = T_k ⊘ ŝ: Gauss-Newton from u = 0 with minimum-norm,
+    halved-until-better steps solves them (least squares where T > d), so s' moves from ŝ multiplicatively
+    and keeps its signs. Then m*_k = sqrt(rms(m_k)² + eps) T_k ⊘ s' keeps the size of m_k and
+    n(m*_k) = T_k ⊘ s' (exactly, where the conditions are solved).
+
+    needed T, mlp_outputs m: [T, d]; working_scale ŝ: [d] (`working_norm_scale`). Returns (s' [d], m* [T, d]).
+    """
+    check_last_dim("needed post-norm outputs", needed, working_scale.shape[-1])
+    check_finite("needed post-norm outputs", needed)
+    squared_size = mlp_outputs.pow(2).mean(-1) + eps  # rms(m_k)² + eps: [T]
+    reachable = (squared_size - eps) / squared_size  # c_k²
+    relative = (needed / working_scale).pow(2) / needed.shape[-1]  # rows t_k² / d: [T, d]
+
+    def gaps(log_weight: Tensor) -> Tensor:  # c² − f(u): [T]
+        return reachable - relative @ log_weight.exp()
+
+    log_weight = torch.zeros_like(working_scale)  # u, with 1 / s'² = exp(u) / ŝ²
+    for _ in range(steps):
+        gap = gaps(log_weight)
+        if gap.abs().max() < 1e-13:
+            break
+        step = ridge_update(gap[:, None], relative * log_weight.exp(), 0.0).dense()[0]  # J^+ (c² − f)
+        for _halving in range(30):
+            if gaps(log_weight + step).norm() < gap.norm():
+                break
+            step = step / 2
+        log_weight = log_weight + step
+    scale = working_scale * torch.exp(-log_weight / 2)
+    return scale, squared_size.sqrt()[:, None] * needed / scale
+
+
+def shared_scale_fit(needed: Tensor, normalized: Tensor, prior: Tensor, ridge: float) -> Tensor:
+    """The post-norm scale s'' shared by T tokens that best maps their normalised MLP outputs to the needed
+    outputs, coordinate by coordinate: s''_j = (Σ_k n_kj T_kj + μ s'_j) / (Σ_k n_kj² + μ), μ = ridge · mean_j Σ_k n_kj².
+
+    needed T, normalized n: [T, d]; prior s' (what the ridge shrinks towards): [d]. Returns s'' [d]. With
+    one token and ridge 0 it is the elementwise solution T ⊘ n; where n = T ⊘ s' for every token it is s'.
+    A coordinate that no token's n reaches keeps s'.
+    """
+    check_finite("normalised MLP outputs", normalized)
+    weight = normalized.pow(2).sum(0)  # [d]
+    shrink = ridge * weight.mean()
+    fitted = ((normalized * needed).sum(0) + shrink * prior) / (weight + shrink)
+    return torch.where(weight + shrink == 0, prior, fitted)  # no fitted token reads such a coordinate
