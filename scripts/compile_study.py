@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="as implicit-icl's --model (default: SmolLM2-135M-Instruct; Gemma 2/3 are refused)",
+        help="as implicit-icl's --model (default: SmolLM2-135M-Instruct; e.g. gemma3-270m)",
     )
     parser.add_argument("--tasks", nargs="*", default=None)
     parser.add_argument("--contexts", type=int, nargs="*", default=[0, 1, 2])

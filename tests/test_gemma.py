@@ -6,9 +6,9 @@ import importlib.metadata
 import pytest
 import torch
 
-from implicit_icl.errors import ImplicitICLError
 from implicit_icl.analyses.compile import CompileSettings, compile_patch
 from implicit_icl.engine.forward import ForwardInputs, run_model
+from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, verify_patch
 from implicit_icl.models import load
 from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model

@@ -136,6 +136,19 @@ def test_one_shared_post_norm_scale_reaches_every_needed_output(tokens, extra, s
     torch.testing.assert_close(shared_scale_fit(needed, normalized, scale, 1e12), scale, rtol=1e-6, atol=1e-6)
 
 
+def test_unreachable_shared_scale_targets_stay_bounded_and_keep_their_direction():
+    """Token 2's needed output is token 1's times 5: no one scale gives both rms c. s' stays within 10x of ŝ
+    and each token's n(m*_k) still points along T_k ⊘ s'."""
+    g = torch.Generator().manual_seed(3)
+    first = randn(g, 16)
+    needed, mlp_outputs, working = torch.stack([first, 5 * first]), randn(g, 2, 16), 1 + 0.1 * randn(g, 16)
+    shared, moved = shared_norm_targets(needed, mlp_outputs, working, 1e-6)
+    assert ((shared / working) <= 10 + 1e-9).all() and ((shared / working) >= 0.1 - 1e-9).all()
+    reached = shared * rms_normalize(moved, 1e-6)
+    cosine = torch.nn.functional.cosine_similarity(reached, needed, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 def test_zero_reference_vector_is_refused():
     with pytest.raises(ImplicitICLError, match="zero vector"):
         rank_one_update(torch.ones(3, 2), torch.ones(2), torch.zeros(2))

@@ -34,6 +34,7 @@ from implicit_icl.analyses.baselines import (
 from implicit_icl.analyses.compile import Calibration, CompileSettings, fit_patch, record_calibration
 from implicit_icl.engine.construct import compute_patches
 from implicit_icl.engine.queries import context_logits, reduced_logits
+from implicit_icl.engine.spec import spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.patch import PatchData
 from implicit_icl.studies.compile.splits import Encoded
@@ -344,13 +345,14 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
         compiled_settings=asdict(best[0]),
         search=[_search_row(item) for item in tried],
     )
-    bias_tried = []
-    for setting in BIAS_SEARCH:
-        step(f"bias-only compiled patch: {setting.label}")
-        bias_tried.append(attempt(setting, searched=False))
-    best_bias = max(bias_tried, key=lambda item: _selection_key(item[0]))
-    results["compiled_bias"] = best_bias[1]
-    choices["compiled_bias"] = best_bias[1].details["settings"]
+    if spec_for(model).post_mlp_norm is None:  # behind a post-MLP norm a bias is no steering vector
+        bias_tried = []
+        for setting in BIAS_SEARCH:
+            step(f"bias-only compiled patch: {setting.label}")
+            bias_tried.append(attempt(setting, searched=False))
+        best_bias = max(bias_tried, key=lambda item: _selection_key(item[0]))
+        results["compiled_bias"] = best_bias[1]
+        choices["compiled_bias"] = best_bias[1].details["settings"]
     if settings.ablations:
         for name, setting in ABLATIONS.items():
             step(f"ablation: {setting.label}")
