@@ -1,5 +1,7 @@
 """The identities of docs/theory.md §2–4 on random tensors of random shapes (hypothesis)."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,7 +22,7 @@ from implicit_icl.theory import (
     stable_norm_scale_patch,
     working_norm_scale,
 )
-from implicit_icl.theory.output_side import check_elementwise_scale
+from implicit_icl.theory.output_side import SHARED_SCALE_RANGE, check_elementwise_scale
 
 dims = st.integers(1, 12)
 seeds = st.integers(0, 2**31 - 1)
@@ -137,13 +139,14 @@ def test_one_shared_post_norm_scale_reaches_every_needed_output(tokens, extra, s
 
 
 def test_unreachable_shared_scale_targets_stay_bounded_and_keep_their_direction():
-    """Token 2's needed output is token 1's times 5: no one scale gives both rms c. s' stays within 10x of ŝ
-    and each token's n(m*_k) still points along T_k ⊘ s'."""
+    """Token 2's needed output is token 1's times 5: no one scale gives both rms c. s' stays within
+    SHARED_SCALE_RANGE of ŝ and each token's n(m*_k) still points along T_k ⊘ s'."""
     g = torch.Generator().manual_seed(3)
     first = randn(g, 16)
     needed, mlp_outputs, working = torch.stack([first, 5 * first]), randn(g, 2, 16), 1 + 0.1 * randn(g, 16)
     shared, moved = shared_norm_targets(needed, mlp_outputs, working, 1e-6)
-    assert ((shared / working) <= 10 + 1e-9).all() and ((shared / working) >= 0.1 - 1e-9).all()
+    bound = math.exp(SHARED_SCALE_RANGE / 2)
+    assert ((shared / working) <= bound * (1 + 1e-9)).all() and ((shared / working) >= (1 - 1e-9) / bound).all()
     reached = shared * rms_normalize(moved, 1e-6)
     cosine = torch.nn.functional.cosine_similarity(reached, needed, dim=-1)
     torch.testing.assert_close(cosine, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
