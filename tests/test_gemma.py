@@ -8,6 +8,7 @@ import torch
 
 from implicit_icl.analyses.compile import CompileSettings, compile_patch
 from implicit_icl.engine.forward import ForwardInputs, run_model
+from implicit_icl.engine.queries import context_logits, reduced_logits
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, verify_patch
 from implicit_icl.models import load
@@ -142,3 +143,20 @@ def test_gemma3_270m_patch_matches_the_context(gemma3_model, shots, word):
     assert verification.top1_match, verification
     assert verification.max_abs_logit_diff <= 1e-3, verification
     assert verification.baseline_max_abs_logit_diff > 1.0, verification
+
+
+def test_gemma3_270m_compiled_patch_reproduces_its_calibration_queries(gemma3_model):
+    """§7 on the real weights (zero scales included), float32: one calibration query fitted at every token
+    (ridge 0) gives its context-ful logits to float rounding; an unseen query is not reproduced."""
+    model, tokenizer = gemma3_model.model, gemma3_model.tokenizer
+    context = tokenizer("Q: walk\nA: walked\n\nQ: jump\nA: jumped\n\n", return_tensors="pt").input_ids[0]
+    query, other = (
+        tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        for text in ("Q: talk\nA:", "Q: look\nA:")
+    )
+    compiled = compile_patch(model, context, [query], CompileSettings(ridge=0.0, tokens="all+first"))
+    with compiled.applied(model):
+        patched = reduced_logits(model, [query, other], context.numel())
+    with_context = context_logits(model, context, [query, other])
+    assert (patched[0] - with_context[0]).abs().max() < 1e-3
+    assert (patched[1] - with_context[1]).abs().max() > 1.0
