@@ -22,6 +22,7 @@ from implicit_icl.theory import (
     stable_norm_scale_patch,
     working_norm_scale,
 )
+from implicit_icl.theory.least_squares import relative_ridge
 from implicit_icl.theory.output_side import SHARED_SCALE_RANGE, check_elementwise_scale
 
 dims = st.integers(1, 12)
@@ -150,6 +151,28 @@ def test_unreachable_shared_scale_targets_stay_bounded_and_keep_their_direction(
     reached = shared * rms_normalize(moved, 1e-6)
     cosine = torch.nn.functional.cosine_similarity(reached, needed, dim=-1)
     torch.testing.assert_close(cosine, torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_regularised_shared_scale_is_a_stationary_point_nearer_the_working_scale():
+    """On the same unreachable targets, scale_ridge = 1 returns a stationary point of
+    ||c² − R exp(u)||² + λ ||u||² (gradient −2 (R diag e^u)ᵀ gap + 2 λ u = 0), with a smaller log-shift u
+    than the unregularised fit, and a huge ridge leaves s' at ŝ."""
+    g = torch.Generator().manual_seed(3)
+    first = randn(g, 16)
+    needed, mlp_outputs, working = torch.stack([first, 5 * first]), randn(g, 2, 16), 1 + 0.1 * randn(g, 16)
+    shift = {r: -2 * torch.log(shared_norm_targets(needed, mlp_outputs, working, 1e-6, r)[0] / working) for r in (0, 1)}
+    size = mlp_outputs.pow(2).mean(-1) + 1e-6
+    relative = (needed / working).pow(2) / 16
+
+    def gradient(log_shift):
+        gap = (size - 1e-6) / size - relative @ log_shift.exp()
+        return -2 * (relative * log_shift.exp()).T @ gap + 2 * relative_ridge(relative, 1.0) * log_shift
+
+    # Relative to the gradient at u = 0: Gauss-Newton stops where float64 no longer sees the objective fall.
+    assert gradient(shift[1]).abs().max() < 1e-8 * gradient(torch.zeros_like(working)).abs().max()
+    assert shift[1].norm() < shift[0].norm()
+    stiff, _ = shared_norm_targets(needed, mlp_outputs, working, 1e-6, 1e9)
+    torch.testing.assert_close(stiff, working, rtol=1e-6, atol=0)
 
 
 def test_zero_reference_vector_is_refused():

@@ -68,7 +68,9 @@ class CompileSettings:
     """How a compiled patch is fitted.
 
     ridge: λ of every fit as a multiple of trace(Z Z^T)/dim of its fitted inputs (0: least squares,
-        minimum norm); a bias is a weight on the constant input 1, so its λ is ridge · T.
+        minimum norm); a bias is a weight on the constant input 1, so its λ is ridge · T. Behind a post-MLP
+        norm the same multiple also holds the shared scale's log-shift near the working scale
+        (`shared_norm_targets`).
     tokens: which calibration tokens are fitted: "all" (every query token but the first, which alone is an
         attention sink; a one-token query keeps its token), "last" (the last token), "all+first" (every token).
     rank: truncate every matrix delta to this rank (None: full rank, at most the number of fitted tokens).
@@ -385,6 +387,7 @@ class _LayerFit:
             self._at_rows(mlp_output),
             working_norm_scale(scale, STABLE_SCALE_FLOOR),
             getattr(norm, spec.norm_eps),
+            scale_ridge=ridge,
         )
         down = self._fit_matrix(
             f"{spec.mlp_output}.weight", moved - self._at_rows(mlp_output), self._at_rows(self.inner)
