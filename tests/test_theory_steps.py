@@ -10,6 +10,7 @@ from implicit_icl import ImplicitICLError
 from implicit_icl.theory import (
     LowRankUpdate,
     consecutive_differences,
+    gradient_step_norms,
     gradient_steps,
     increment_norms,
     prefix_updates,
@@ -109,3 +110,23 @@ def test_trajectory_functions_refuse_what_they_cannot_take():
         gradient_steps(weight, updates + updates)
     with pytest.raises(ImplicitICLError, match="last dimension"):
         gradient_steps(torch.ones(3, 5, dtype=torch.float64), updates)
+
+
+@property_settings
+@given(
+    seed=st.integers(0, 10_000),
+    out=st.integers(1, 6),
+    inp=st.integers(1, 6),
+    entries=st.integers(2, 7),
+    shared=st.booleans(),
+)
+def test_split_norms_from_dot_products_equal_the_built_split(seed, out, inp, entries, shared):
+    """`gradient_step_norms` (four dot products) against the dense norms of `gradient_steps`' updates, and
+    rank-1 `step_norms` against the dense increments."""
+    weight, _, _, updates = trajectory(seed, out, inp, entries, shared)
+    split = gradient_steps(weight, updates)
+    step, remainder = gradient_step_norms(weight, updates)
+    torch.testing.assert_close(step, torch.linalg.matrix_norm(split.step.dense()), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(remainder, torch.linalg.matrix_norm(split.remainder.dense()), rtol=1e-9, atol=1e-12)
+    increments = torch.linalg.matrix_norm(updates.dense().diff(dim=0))
+    torch.testing.assert_close(step_norms(updates), increments, rtol=1e-9, atol=1e-12)

@@ -124,7 +124,20 @@ def consecutive_differences(updates: LowRankUpdate) -> LowRankUpdate:
 
 def step_norms(updates: LowRankUpdate) -> Tensor:
     """||ΔW_{j+1} − ΔW_j||_F from the factors for a trajectory [..., P, ·, k] -> [..., P−1]; right factors may differ."""
-    return consecutive_differences(updates).norm()
+    if updates.rank != 1:
+        return consecutive_differences(updates).norm()
+    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
+        raise ImplicitICLError(f"a trajectory needs at least 2 entries, got batch shape {updates.batch_shape}")
+    u, v = updates.U[..., 0], updates.V[..., 0]
+    return _rank_two_norm(u[..., 1:, :] - u[..., :-1, :], v[..., 1:, :], u[..., :-1, :], v[..., 1:, :] - v[..., :-1, :])
+
+
+def _rank_two_norm(a: Tensor, b: Tensor, c: Tensor, e: Tensor) -> Tensor:
+    """||a b^T + c e^T||_F from four dot products, for a, c: [..., out], b, e: [..., in] -> [...]. As free of
+    cancellation as the factors: where they are differences, so are the terms."""
+    dot = lambda x, y: (x * y).sum(-1)  # noqa: E731
+    squared = dot(a, a) * dot(b, b) + dot(c, c) * dot(e, e) + 2 * dot(a, c) * dot(b, e)
+    return squared.clamp_min(0).sqrt()
 
 
 @dataclass(frozen=True)
@@ -152,6 +165,26 @@ def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
     a_j^T / ||a_j||² (A_j: what W reads with prefix j, a_j: without it). Only W_0, u_j and v_j are needed:
     a_j = v_j / ||v_j||² and W_0 A_j = W_0 a_j + u_j.
     """
+    u, v, moved, learning_rates = _moved_reference(weight, updates)
+    step = LowRankUpdate.rank_one(u[..., 1:, :] - u[..., :-1, :] - moved, v[..., 1:, :])
+    remainder = LowRankUpdate(
+        torch.stack([moved, u[..., :-1, :]], -1), torch.stack([v[..., 1:, :], v[..., 1:, :] - v[..., :-1, :]], -1)
+    )
+    return GradientSteps(step, remainder, learning_rates)
+
+
+def gradient_step_norms(weight: Tensor, updates: LowRankUpdate) -> tuple[Tensor, Tensor]:
+    """(||step_j||_F, ||remainder_j||_F) [..., P−1] of `gradient_steps`, from dot products of the factors
+    without building the split (the dynamics' series need only its norms)."""
+    u, v, moved, _ = _moved_reference(weight, updates)
+    step = (u[..., 1:, :] - u[..., :-1, :] - moved).norm(dim=-1) * v[..., 1:, :].norm(dim=-1)
+    remainder = _rank_two_norm(moved, v[..., 1:, :], u[..., :-1, :], v[..., 1:, :] - v[..., :-1, :])
+    return step, remainder
+
+
+def _moved_reference(weight: Tensor, updates: LowRankUpdate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """u_j [..., P, out], v_j [..., P, in], W_0 (a_j − a_{j+1}) [..., P−1, out] and h_j = ||v_j||² [..., P]
+    of a rank-1 trajectory (a_j = v_j / ||v_j||²)."""
     if updates.rank != 1:
         raise ImplicitICLError(f"gradient_steps takes rank-1 updates (one reference each), got rank {updates.rank}")
     if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
@@ -160,10 +193,6 @@ def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
     u, v = updates.U[..., 0], updates.V[..., 0]
     learning_rates = safe_squared_norm("a right factor v_j", v)  # ||v_j||² = 1/||a_j||²
     reference = v / learning_rates.unsqueeze(-1)
-    # W_0 (a_j − a_{j+1}), the product in W's own dtype (a float32 model's matrix need not be copied to float64)
+    # the product in W's own dtype (a float32 model's matrix need not be copied to float64)
     moved = ((reference[..., :-1, :] - reference[..., 1:, :]).to(weight.dtype) @ weight.T).to(v.dtype)
-    step = LowRankUpdate.rank_one(u[..., 1:, :] - u[..., :-1, :] - moved, v[..., 1:, :])
-    remainder = LowRankUpdate(
-        torch.stack([moved, u[..., :-1, :]], -1), torch.stack([v[..., 1:, :], v[..., 1:, :] - v[..., :-1, :]], -1)
-    )
-    return GradientSteps(step, remainder, learning_rates)
+    return u, v, moved, learning_rates

@@ -6,11 +6,11 @@ its matrices add up. For every prefix entry j of a `Trajectory`:
 
 - update norm ||ΔW_j||_F, and the output side's change (rank-1 down, bias or norm scale) as a norm too;
 - increment ||ΔW_{j+1} − ΔW_j||_F: above the first layer the query's reduced input z_j (the right factor's
-  direction) moves with the prefix, so the difference has rank 2; `theory.consecutive_differences` keeps
-  it factored and free of cancellation;
+  direction) moves with the prefix, so the difference has rank 2; `theory.step_norms` takes its norm from
+  the factors, free of cancellation;
 - alignment with the last entry's update, <ΔW_j, ΔW_last>_F / (||ΔW_j|| ||ΔW_last||);
 - the gradient-descent view: the learning rate h_j = 1/||z_j||², and each increment split into the §6 step
-  −h_{j+1} ∇L_j and the remainder that the moving reference adds (`theory.gradient_steps`): where z does not
+  −h_{j+1} ∇L_j and the remainder that the moving reference adds (`theory.gradient_step_norms`): where z does not
   move (the first layer under relative positions) the remainder is zero and §6 holds as it is.
 """
 
@@ -30,11 +30,11 @@ from implicit_icl.patch import Delta, layer_index
 from implicit_icl.theory import (
     LowRankUpdate,
     apply_factorised,
-    consecutive_differences,
     factorised_updates,
     gradient_descent_errors,
-    gradient_steps,
+    gradient_step_norms,
     rank_one_update,
+    step_norms,
 )
 
 F64 = torch.float64
@@ -139,9 +139,7 @@ def _inner_with_last(delta: LowRankUpdate) -> Tensor:
 
 
 def _squared_step_norms(delta: LowRankUpdate) -> Tensor:
-    differences = consecutive_differences(_entries_last(delta))  # [E..., P−1]
-    squared = _inner(differences, differences).clamp_min(0)
-    return _per_entry(squared.movedim(-1, 0))
+    return _per_entry(step_norms(_entries_last(delta)).pow(2).movedim(-1, 0))  # [E..., P−1] -> [P−1]
 
 
 def _references(delta: LowRankUpdate) -> Tensor:
@@ -156,12 +154,8 @@ def _gradient_split(spec: FamilySpec, weights: dict[str, Tensor], inputs: list[L
     if spec.experts is not None:
         nan = torch.full((inputs[0].batch_shape[0] - 1,), torch.nan, dtype=F64)
         return nan, nan
-    steps, remainders = 0, 0
-    for weight, delta in zip(weights.values(), inputs, strict=True):
-        split = gradient_steps(weight, delta)
-        steps = steps + _inner(split.step, split.step)
-        remainders = remainders + _inner(split.remainder, split.remainder)
-    return steps.clamp_min(0).sqrt(), remainders.clamp_min(0).sqrt()
+    norms = [gradient_step_norms(weight, delta) for weight, delta in zip(weights.values(), inputs, strict=True)]
+    return tuple(sum(norm.pow(2) for norm in split).sqrt() for split in zip(*norms, strict=True))
 
 
 def matrix(model: PreTrainedModel, name: str, dtype: torch.dtype | None = F64) -> Tensor:
