@@ -93,6 +93,25 @@ def test_head_outputs_sum_to_the_attention_output(model):
     assert (summed + attention.bias.detach() - recorded["out"]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo2"])
+def test_head_outputs_through_a_post_attention_norm_sum_to_what_joins_the_residual_stream(family):
+    """Behind a post-attention norm, one prompt's heads of a layer, mapped through the norm linearised at their
+    own sum, give the norm's output exactly: what the attention adds to the residual stream."""
+    tiny = tiny_model(family, seed=1, dtype=torch.float32)
+    context, dev = _data()
+    means = mean_head_outputs(tiny, context, dev.queries[:1])
+    recorded = {}
+    norm = tiny.model.layers[1].post_attention_layernorm
+    handle = norm.register_forward_hook(lambda m, a, out: recorded.update(out=out[0, -1]))
+    with torch.no_grad():
+        run_model(tiny, ForwardInputs.plain(torch.cat([context, dev.queries[0]])[None]))
+    handle.remove()
+    summed = head_vector(tiny, means, [(1, head) for head in range(means.shape[1])])
+    torch.testing.assert_close(summed, recorded["out"], rtol=1e-5, atol=1e-6)
+    one_head = head_vector(tiny, means, [(1, 0)])
+    assert not torch.allclose(one_head, summed)
+
+
 def test_batched_indirect_effects_equal_single_head_interventions_on_whole_prompts(model):
     context, dev = _data()
     shuffled = context.flip(0)

@@ -285,14 +285,30 @@ def indirect_effects(
 
 
 def head_vector(model: PreTrainedModel, means: Tensor, heads: Sequence[tuple[int, int]]) -> Tensor:
-    """Σ over heads of W_O[:, head slice] ā_{l,h}: the heads' mean outputs in the residual stream, [d]."""
+    """Σ over heads of W_O[:, head slice] ā_{l,h}: the heads' mean outputs in the residual stream, [d].
+
+    Where a norm sits between the attention and the residual stream (Gemma 2/3, OLMo 2), each head's term is
+    mapped through that norm linearised at the layer's mean attention output ō_l = W_O ā_l: multiplied by
+    its scale and divided by rms(ō_l), so that all of a layer's heads together give the norm of ō_l exactly."""
     projections = _attention_outputs(model)
     head_dim = means.shape[-1]
     total = torch.zeros(projections[0].weight.shape[0])
     for layer, head in heads:
-        columns = projections[layer].weight[:, head * head_dim : (head + 1) * head_dim].detach().float().cpu()
-        total += columns @ means[layer, head]
+        weight = projections[layer].weight.detach().float().cpu()
+        term = weight[:, head * head_dim : (head + 1) * head_dim] @ means[layer, head]
+        total += term * _post_attention_gain(model, layer, weight @ means[layer].flatten())
     return total
+
+
+def _post_attention_gain(model: PreTrainedModel, layer: int, mean_output: Tensor) -> Tensor | float:
+    """s / sqrt(mean(ō²) + ε) [d] of the layer's post-attention norm at its mean output ō [d] (without the
+    projection's bias, which the recorded heads do not carry); 1 where there is no such norm."""
+    spec = spec_for(model)
+    if spec.post_attention_norm is None:
+        return 1.0
+    norm = layers_of(model, spec)[layer].get_submodule(spec.post_attention_norm)
+    scale = norm.weight.detach().float().cpu() + spec.norm_offset
+    return scale / (mean_output.pow(2).mean() + getattr(norm, spec.norm_eps)).sqrt()
 
 
 def function_vector(

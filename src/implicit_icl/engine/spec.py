@@ -16,6 +16,8 @@ paths are relative to one decoder layer unless said otherwise):
   2), or None. Needed for the norm-scale patches (output="norm" or "stable"), whose solvers need the
   norm's scale offset `norm_offset` (Gemma stores w and scales by 1 + w) and the name of its epsilon
   attribute `norm_eps` ("eps" in Gemma, "variance_epsilon" in Llama-style RMSNorms).
+- `post_attention_norm`: the norm applied to the attention output before it joins the residual stream
+  (Gemma 2/3, OLMo 2), or None. The engine never needs it; a function vector maps its heads through it.
 - `residual_sum`: where the block output δ is read. None: the layer's output (pre-norm blocks, sequential
   or parallel: the shift δ = y_C − y' is read after the fact, so the block's wiring does not matter).
   A module path: that module's input, for post-LayerNorm blocks (BERT: "output.LayerNorm"), where the sum
@@ -75,6 +77,7 @@ class FamilySpec:
     post_mlp_norm: str | None = None
     norm_offset: float = 0.0
     norm_eps: str = "variance_epsilon"
+    post_attention_norm: str | None = None
     residual_sum: str | None = None
     default_output: OutputSide = "down"
     experts: ExpertsSpec | None = None
@@ -108,7 +111,12 @@ _GATED = FamilySpec(
 # elementwise scale patch divides by n(m_C) and so amplifies any later perturbation where it is small; the
 # stable variant (rank-1 on down_proj first) is as exact and much better conditioned, hence the default.
 _GEMMA_POST_NORM = replace(
-    _GATED, post_mlp_norm="post_feedforward_layernorm", norm_offset=1.0, norm_eps="eps", default_output="stable"
+    _GATED,
+    post_mlp_norm="post_feedforward_layernorm",
+    norm_offset=1.0,
+    norm_eps="eps",
+    post_attention_norm="post_attention_layernorm",
+    default_output="stable",
 )
 
 SPECS: dict[str, FamilySpec] = {
