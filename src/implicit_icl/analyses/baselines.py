@@ -11,8 +11,9 @@ slice of the input of the attention's output matrix, then that matrix's columns 
 in-context prompts of the task: ā_{l,h}. Heads are ranked by their causal indirect effect: in prompts whose
 demonstrations have shuffled labels, replace the head's output at the last token by ā_{l,h} and measure the
 gain in the correct answer's probability, averaged over prompts. The function vector is the sum of the
-top-k heads' mean outputs mapped into the residual stream, added to the last token's state entering
-layer ℓ of a run without demonstrations; k and ℓ are chosen on dev queries.
+top-k heads' mean outputs mapped into the residual stream (through a post-attention norm where the family
+has one, linearised at the layer's mean output), added to the last token's state entering layer ℓ of a run
+without demonstrations; k and ℓ are chosen on dev queries.
 
 Both are fitted here from one context (the demonstrations compiled patches see) and the same calibration
 and dev queries, so the comparison is like for like; the papers average over many demonstration sets.
