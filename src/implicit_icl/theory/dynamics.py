@@ -186,7 +186,9 @@ def _moved_reference(weight: Tensor, updates: LowRankUpdate) -> tuple[Tensor, Te
     """u_j [..., P, out], v_j [..., P, in], W_0 (a_j − a_{j+1}) [..., P−1, out] and h_j = ||v_j||² [..., P]
     of a rank-1 trajectory (a_j = v_j / ||v_j||²)."""
     if updates.rank != 1:
-        raise ImplicitICLError(f"gradient_steps takes rank-1 updates (one reference each), got rank {updates.rank}")
+        raise ImplicitICLError(
+            f"the gradient-descent split takes rank-1 updates (one reference each), got rank {updates.rank}"
+        )
     if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
         raise ImplicitICLError(f"a trajectory needs at least 2 entries, got batch shape {updates.batch_shape}")
     check_last_dim("the right factors", updates.V[..., 0], weight.shape[1])
