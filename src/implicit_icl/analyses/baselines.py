@@ -294,10 +294,11 @@ def head_vector(model: PreTrainedModel, means: Tensor, heads: Sequence[tuple[int
     projections = _attention_outputs(model)
     head_dim = means.shape[-1]
     total = torch.zeros(projections[0].weight.shape[0])
-    for layer, head in heads:
+    for layer in sorted({layer for layer, _ in heads}):
         weight = projections[layer].weight.detach().float().cpu()
-        term = weight[:, head * head_dim : (head + 1) * head_dim] @ means[layer, head]
-        total += term * _post_attention_gain(model, layer, weight @ means[layer].flatten())
+        picked = [head for at, head in heads if at == layer]
+        terms = sum(weight[:, head * head_dim : (head + 1) * head_dim] @ means[layer, head] for head in picked)
+        total += terms * _post_attention_gain(model, layer, weight @ means[layer].flatten())
     return total
 
 
