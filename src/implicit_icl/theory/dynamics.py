@@ -103,6 +103,13 @@ def apply_factorised(weight: Tensor, factors: LowRankUpdate, x: Tensor) -> Tenso
 # --- trajectories whose right factors differ (docs/theory.md §6, a chain's layers above the first) ---------
 
 
+def _check_trajectory(updates: LowRankUpdate) -> None:
+    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
+        raise ImplicitICLError(
+            f"a trajectory needs at least 2 entries on its last batch dimension, got batch shape {updates.batch_shape}"
+        )
+
+
 def consecutive_differences(updates: LowRankUpdate) -> LowRankUpdate:
     """ΔW_{j+1} − ΔW_j for consecutive entries of a trajectory, still factored.
 
@@ -111,10 +118,7 @@ def consecutive_differences(updates: LowRankUpdate) -> LowRankUpdate:
     When the right factors differ the difference has rank up to 2k; because its factors are themselves
     differences, its Gram-matrix norm carries no ||A||² + ||B||² − 2<A, B> cancellation when A ≈ B.
     """
-    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
-        raise ImplicitICLError(
-            f"a trajectory needs at least 2 entries on its last batch dimension, got batch shape {updates.batch_shape}"
-        )
+    _check_trajectory(updates)
     U, V = updates.U, updates.V
     return LowRankUpdate(
         torch.cat([U[..., 1:, :, :] - U[..., :-1, :, :], U[..., :-1, :, :]], -1),
@@ -126,8 +130,7 @@ def step_norms(updates: LowRankUpdate) -> Tensor:
     """||ΔW_{j+1} − ΔW_j||_F from the factors for a trajectory [..., P, ·, k] -> [..., P−1]; right factors may differ."""
     if updates.rank != 1:
         return consecutive_differences(updates).norm()
-    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
-        raise ImplicitICLError(f"a trajectory needs at least 2 entries, got batch shape {updates.batch_shape}")
+    _check_trajectory(updates)
     u, v = updates.U[..., 0], updates.V[..., 0]
     return _rank_two_norm(u[..., 1:, :] - u[..., :-1, :], v[..., 1:, :], u[..., :-1, :], v[..., 1:, :] - v[..., :-1, :])
 
@@ -189,8 +192,7 @@ def _moved_reference(weight: Tensor, updates: LowRankUpdate) -> tuple[Tensor, Te
         raise ImplicitICLError(
             f"the gradient-descent split takes rank-1 updates (one reference each), got rank {updates.rank}"
         )
-    if len(updates.batch_shape) == 0 or updates.batch_shape[-1] < 2:
-        raise ImplicitICLError(f"a trajectory needs at least 2 entries, got batch shape {updates.batch_shape}")
+    _check_trajectory(updates)
     check_last_dim("the right factors", updates.V[..., 0], weight.shape[1])
     u, v = updates.U[..., 0], updates.V[..., 0]
     learning_rates = safe_squared_norm("a right factor v_j", v)  # ||v_j||² = 1/||a_j||²

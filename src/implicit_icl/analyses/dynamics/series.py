@@ -154,8 +154,9 @@ def _gradient_split(spec: FamilySpec, weights: dict[str, Tensor], inputs: list[L
     if spec.experts is not None:
         nan = torch.full((inputs[0].batch_shape[0] - 1,), torch.nan, dtype=F64)
         return nan, nan
-    norms = [gradient_step_norms(weight, delta) for weight, delta in zip(weights.values(), inputs, strict=True)]
-    return tuple(sum(norm.pow(2) for norm in split).sqrt() for split in zip(*norms, strict=True))
+    pairs = [gradient_step_norms(weight, delta) for weight, delta in zip(weights.values(), inputs, strict=True)]
+    steps, remainders = (torch.stack(norms).norm(dim=0) for norms in zip(*pairs, strict=True))  # the stack's norms
+    return steps, remainders
 
 
 def matrix(model: PreTrainedModel, name: str, dtype: torch.dtype | None = F64) -> Tensor:
