@@ -74,5 +74,25 @@ def ratios(vocab: int, repeats: int) -> list[tuple[str, float, str]]:
     ]
 
 
+def chunk_ratio(repeats: int, context_length: int = 1_024) -> list[tuple[str, float, str]]:
+    """A long context: all copies in one pass against the default chunks, whose cache is cropped to each
+    chunk's longest prefix (median of per-repeat ratios, as above)."""
+    model = llama_style(LAYERS, WIDTH, 688, 4, 4, 1_024, positions=2 * context_length + 2)
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(0, 1_024, (context_length,), generator=generator)
+    query = torch.randint(0, 1_024, (1,), generator=generator)
+    settings = {"one chunk": dict(chunk_size=context_length + 1), "default": {}}
+    passes = {
+        name: lambda kw=kw: prefix_patches(model, context, query, dtype=torch.float32, verify=False, **kw)
+        for name, kw in settings.items()
+    }
+    chunks = passes["default"]().chunks  # also the warm-up
+    passes["one chunk"]()
+    seconds = {name: [wall_seconds(step) for _ in range(repeats)] for name, step in passes.items()}
+    ratio = statistics.median(a / b for a, b in zip(seconds["one chunk"], seconds["default"], strict=True))
+    setting = f"same model, vocab 1,024, n = {context_length}: {chunks} chunks; median of {repeats}"
+    return [("one-pass dynamics, all copies in one pass / in the default chunks", ratio, setting)]
+
+
 def run(repeats: int = 3) -> list[tuple[str, float, str]]:
-    return ratios(32_000, repeats) + ratios(1_024, repeats)
+    return ratios(32_000, repeats) + ratios(1_024, repeats) + chunk_ratio(repeats)

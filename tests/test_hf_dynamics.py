@@ -13,9 +13,10 @@ from helpers import float64_softmax
 from transformers import AutoModelForCausalLM
 
 from implicit_icl.analyses.dynamics.prefixes import (
+    CHUNK_ENTRIES,
     attention_bytes_per_entry,
     chunked,
-    prefix_layout,
+    copies_layout,
     prefix_logits,
     prefix_patches,
 )
@@ -126,23 +127,27 @@ def test_chunks_of_copies_give_the_same_trajectory(family):
         assert all(
             torch.equal(a, b[[0, 3, 4, 9, 15, 20]]) for a, b in zip(some.mlp_inputs, every.mlp_inputs, strict=True)
         )
-    # the memory budget sets the chunks: room for one copy only, or for all of them
-    one_copy_of_the_whole_context = (20 + 2) ** 2 * attention_bytes_per_entry(model)
-    assert chunked([0, 3, 20], 2, model, one_copy_of_the_whole_context, None) == [[0, 3], [20]]
+    # the memory budget sets the chunks: a chunk of k copies of 2 tokens with longest prefix p holds 2k (p + 2k)
+    per_entry = attention_bytes_per_entry(model)
+    assert chunked([0, 3, 20], 2, model, 4 * (3 + 4) * per_entry, None) == [[0, 3], [20]]
+    assert chunked([0, 3, 20], 2, model, 6 * (20 + 6) * per_entry, None) == [[0, 3, 20]]
     assert chunked([0, 3, 20], 2, model, 1, None) == [[0], [3], [20]]
-    assert chunked([0, 3, 20], 2, model, 10**9, None) == [[0, 3, 20]]
+    # however much memory there is, a chunk's attention stays within CHUNK_ENTRIES query × key entries
+    groups = chunked(list(range(2049)), 1, model, 1 << 40, None)
+    assert [p for group in groups for p in group] == list(range(2049)) and len(groups) > 1
+    assert all(len(group) * (group[-1] + len(group)) <= CHUNK_ENTRIES for group in groups)
 
 
 def test_the_layout_shows_each_copy_only_its_prefix():
-    context, query = torch.arange(10, 15), torch.tensor([20, 21])
-    inputs, rows = prefix_layout(context, [(0, query), (3, query), (5, query)])
-    visible = inputs.attention_mask[0]
-    assert inputs.input_ids[0].tolist() == [10, 11, 12, 13, 14, 20, 21, 20, 21, 20, 21]
-    assert inputs.position_ids[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 3, 4, 5, 6]
-    assert rows.tolist() == [[0, 6], [0, 8], [0, 10]]
-    assert visible[8].tolist() == [1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0]  # copy 2 sees c_1..c_3 and itself
-    assert visible[5].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # prefix 0: only itself
-    assert visible[:5, :5].equal(torch.ones(5, 5, dtype=torch.bool).tril()) and not visible[:5, 5:].any()
+    query = torch.tensor([20, 21])
+    inputs, rows = copies_layout([(0, query), (3, query), (5, query)], cached=5)
+    visible = inputs.attention_mask[0]  # [6 copy tokens, 5 cached + 6]
+    assert inputs.input_ids[0].tolist() == [20, 21, 20, 21, 20, 21]
+    assert inputs.position_ids[0].tolist() == [0, 1, 3, 4, 5, 6]
+    assert rows.tolist() == [[0, 1], [0, 3], [0, 5]]
+    assert visible[3].tolist() == [1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0]  # copy 2 sees c_1..c_3 and itself
+    assert visible[0].tolist() == [0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # prefix 0: only itself
+    assert visible[4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0]  # its first token, not the one after
 
 
 def _alibi_falcon() -> torch.nn.Module:

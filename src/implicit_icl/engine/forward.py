@@ -3,8 +3,9 @@
 Three kinds of batches go through `run_model`:
 - plain: one or more sequences of equal length, every token visible (an all-ones padding mask);
 - padded: sequences of different lengths, left or right padded, with a [B, T] padding mask;
-- custom: one layout of tokens per sequence with a [B, T, T] boolean visibility matrix, e.g. a context
-  followed by copies of a query, each copy seeing only a prefix of the context (dynamics).
+- custom: one layout of tokens per sequence with a [B, T, S + T] boolean visibility matrix over the S
+  cached tokens and the T new ones, e.g. copies of a query after a cached context, each copy seeing only a
+  prefix of the context (dynamics).
 Positions are explicit everywhere, so a token can sit at its original absolute position whatever its index.
 """
 
@@ -29,7 +30,8 @@ class StopForward(Exception):
 @dataclass(frozen=True)
 class ForwardInputs:
     """input_ids, position_ids: [B, T]. attention_mask: [B, T] padding mask (1 = token, 0 = padding), or
-    [B, T, T] boolean visibility (row t may attend to column s; causality is the caller's business)."""
+    [B, T, S + T] boolean visibility (row t may attend to column s; causality is the caller's business):
+    the first S columns are the tokens of a cache the run extends, a plain sequence at positions 0..S−1."""
 
     input_ids: Tensor
     position_ids: Tensor
@@ -70,26 +72,31 @@ class ForwardInputs:
         return ForwardInputs(self.input_ids.to(device), self.position_ids.to(device), self.attention_mask.to(device))
 
 
-def run_model(model: PreTrainedModel, inputs: ForwardInputs, cache: Cache | None = None) -> Tensor | None:
+def run_model(
+    model: PreTrainedModel, inputs: ForwardInputs, cache: Cache | None = None, logits_to_keep: int | Tensor = 0
+) -> Tensor | None:
     """The model's output (logits, or the last hidden state of an encoder) [B, T, ·]; None when a hook
-    stopped the run after the last layer.
+    stopped the run after the last layer. logits_to_keep: HF's, the head on the last k or the given positions.
 
     The padding mask is always passed (all ones when nothing is padded): without it HF reads a jump in
     position_ids (a removed span) as the start of another packed sequence and hides the tokens before it.
-    cache: the keys and values of earlier tokens of plain sequences, which `inputs` continue; the run
-    appends its own (also when a hook stops it, since every layer's attention has run by then)."""
-    if cache is None:
+    cache: the keys and values of earlier tokens of plain sequences, which `inputs` continue (custom inputs
+    see the cached tokens their mask shows); the run appends its own (also when a hook stops it, since every
+    layer's attention has run by then)."""
+    if cache is None or inputs.custom:
         mask = model_attention_mask(model, inputs)
     else:
         mask = torch.ones_like(inputs.input_ids).expand(-1, cache.get_seq_length() + inputs.input_ids.shape[1])
-    cached = {} if cache is None else {_cache_argument(model): cache}
+    extra = {} if cache is None else {_cache_argument(model): cache}
+    if isinstance(logits_to_keep, Tensor) or logits_to_keep:  # encoders take no such argument
+        extra["logits_to_keep"] = logits_to_keep
     try:
         output = model(
             input_ids=inputs.input_ids,
             position_ids=inputs.position_ids,
             attention_mask=mask,
             use_cache=cache is not None,
-            **cached,
+            **extra,
         )
     except StopForward:
         return None
@@ -119,7 +126,8 @@ def model_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tenso
 
 
 def custom_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tensor | dict[str, Tensor]:
-    """The additive 4-D mask [B, 1, T, T] HF's eager attention takes as it is, from a visibility matrix.
+    """The additive 4-D mask [B, 1, T, S + T] HF's eager attention takes as it is, from a visibility matrix
+    (S > 0: over a cache of the positions 0..S−1 first).
 
     HF builds sliding-window masks itself only for masks it creates; a custom mask must carry the window:
     a key at position p_k is visible from p_q only if p_q − p_k < window (HF's rule), measured on the
@@ -130,7 +138,9 @@ def custom_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tens
     if spec_for(model).encoder:
         raise ImplicitICLError(f"{config.model_type} is an encoder; custom masks apply to causal decoders only")
     visible = inputs.attention_mask.bool()
-    distance = inputs.position_ids[:, :, None] - inputs.position_ids[:, None, :]  # [B, T_query, T_key]
+    queries = inputs.position_ids
+    cached = torch.arange(visible.shape[-1] - queries.shape[1], device=queries.device).expand(queries.shape[0], -1)
+    distance = queries[:, :, None] - torch.cat([cached, queries], 1)[:, None, :]  # [B, T_query, S + T]
     window = getattr(config, "sliding_window", None)
     dtype = next(model.parameters()).dtype
 

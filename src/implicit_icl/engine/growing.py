@@ -32,10 +32,14 @@ def one_token(token: int, position: int, device: torch.device) -> ForwardInputs:
 
 
 @torch.no_grad()
-def prefilled_cache(model: PreTrainedModel, ids: Tensor) -> DynamicCache:
-    """The keys and values of ids [T] (T ≥ 1), from one run stopped after the last layer."""
-    cache = DynamicCache(config=model.config)
-    last = layers_of(model, spec_for(model))[-1]
+def prefilled_cache(model: PreTrainedModel, ids: Tensor, cache: DynamicCache | None = None) -> DynamicCache:
+    """The keys and values of ids [T] (T ≥ 1), from one run stopped once the last layer's attention has
+    cached them. cache: the one to fill (default: laid out by the model's config, so that sliding-window
+    layers keep only their window)."""
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    spec = spec_for(model)
+    last = layers_of(model, spec)[-1]
+    last = last if spec.attention is None else last.get_submodule(spec.attention)
 
     def stop(module, args, output):
         raise StopForward

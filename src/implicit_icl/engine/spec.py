@@ -28,7 +28,8 @@ paths are relative to one decoder layer unless said otherwise):
   engine/moe.py builds that part of the patch.
 - `attention_inputs`: the projections the attention reads the layer input with (q/k/v or a fused qkv).
   Speed only: in a one-token reduced pass their input is the context-ful one, so the engine replays their
-  recorded outputs instead of recomputing them. Leave it empty and they are recomputed.
+  recorded outputs instead of recomputing them. Leave it empty and they are recomputed. Their parent is
+  the attention module (`FamilySpec.attention`), after which a layer's keys and values are cached.
 
 What the spec deliberately leaves out, because the hooks find it: GPT-2's Conv1D orientation (weights
 [in, out]) is detected from the module type at the boundary where a patch is applied; whether a layer
@@ -82,6 +83,13 @@ class FamilySpec:
     default_output: OutputSide = "down"
     experts: ExpertsSpec | None = None
     attention_inputs: tuple[str, ...] = ()
+
+    @property
+    def attention(self) -> str | None:
+        """Path of the attention module (the parent of its input projections), None without them."""
+        if not self.attention_inputs:
+            return None
+        return self.attention_inputs[0].rpartition(".")[0] or None
 
     @property
     def output_sides(self) -> tuple[str, ...]:

@@ -1,20 +1,23 @@
 """Every prefix of a context in one forward pass: the exact patch of c_1..c_p for each chosen p (docs/theory.md §6).
 
-For prefixes p_1 < … < p_m of a context c and a query x of q tokens, one context-ful pass reads
+For prefixes p_1 < … < p_m of a context c and a query x of q tokens, the context's keys and values are
+computed once (a cache of c_1..c_L, L = p_m), and one context-ful pass reads copies of the query after it:
 
-    tokens      c_1 … c_L | x (copy 1)        | x (copy 2)        | … | x (copy m)          L = p_m
-    positions   0 … L−1   | p_1 … p_1 + q − 1 | p_2 … p_2 + q − 1 | … | p_m … p_m + q − 1
-    visibility  the context causally; copy j sees c_1..c_{p_j} and itself causally, nothing else
+    cached      c_1 … c_L
+    tokens      x (copy 1)        | x (copy 2)        | … | x (copy m)
+    positions   p_1 … p_1 + q − 1 | p_2 … p_2 + q − 1 | … | p_m … p_m + q − 1
+    visibility  copy j sees c_1..c_{p_j} and itself causally, nothing else
 
 so the last token of copy j is the query after the prefix p_j at its original positions (HF's own forward,
-a custom [T, T] mask and explicit position ids; `record_context` reads it at the m last tokens). One reduced
-pass (`chain_patches` on the m queries alone, query j at positions p_j..) then gives m exact patches: entry j
-is the patch of prefix p_j. Prefix 0 sees no context, so its patch is zero up to rounding.
+a custom [T, L + T] mask and explicit position ids; `record_context` reads it at the m last tokens). One
+reduced pass (`chain_patches` on the m queries alone, query j at positions p_j..) then gives m exact
+patches: entry j is the patch of prefix p_j. Prefix 0 sees no context, so its patch is zero up to rounding.
 
-The custom mask is [T, T] with T = L + m q, and eager attention holds heads × T × T scores, so the copies go
-in chunks whose attention fits a memory budget (the context is recomputed in each chunk): memory stays
-O(T_chunk²) for the attention and O(m d) per layer for the states and the factors, never m copies of the
-context's activations.
+Eager attention holds heads × T × (L + T) scores, so the copies go in chunks whose attention fits a memory
+budget, the longest prefixes first: before each chunk the cache is cropped to the chunk's longest prefix
+(which also drops the previous chunk's copies). The context is computed once, a chunk attends only to the
+prefix it needs, and memory stays O(T_chunk (p + T_chunk)) for the attention and O(m d) per layer for the
+states and the factors, never m copies of the context's activations.
 
 Families whose attention cannot take a custom mask (ALiBi: HF builds its bias from a padding mask) go prefix
 by prefix instead, with a warning and `Trajectory.method == "loop"`: the same patches, m forward passes.
@@ -33,18 +36,28 @@ import torch
 from rich.console import Console
 from rich.progress import track
 from torch import Tensor
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from implicit_icl.engine.apply import Patch
 from implicit_icl.engine.capture import ContextStates, hooked, record_context, replayed
 from implicit_icl.engine.construct import assemble_patch, chain_patches, check_settings
-from implicit_icl.engine.forward import ForwardInputs, custom_attention_mask, model_attention_mask, model_device
+from implicit_icl.engine.forward import (
+    ForwardInputs,
+    custom_attention_mask,
+    model_attention_mask,
+    model_device,
+    run_model,
+)
+from implicit_icl.engine.growing import prefilled_cache
 from implicit_icl.engine.inputs import TokenIds, checked_pair
 from implicit_icl.engine.spec import FamilySpec, layers_of, spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.patch import Source, concatenate, concatenate_deltas
 
 MEMORY_BUDGET = 1 << 30  # bytes for one chunk's attention (scores, mask) in the context-ful pass
+# Query × key entries of one chunk's attention, whatever the memory: past it, the copies' attention over the
+# chunk's longest prefix costs more than one more pass (at n = 1,024 three chunks beat one; benchmarks.md).
+CHUNK_ENTRIES = 1 << 19
 METHODS = ("auto", "one pass", "loop")
 
 
@@ -135,15 +148,18 @@ def prefix_patches(
     method, notice = resolve_method(model, method)
     if chunk_size is not None and chunk_size < 1:
         raise ImplicitICLError(f"chunk_size must be at least 1, got {chunk_size}")
+    start = time.perf_counter()
+    cache = None
     if method == "loop":
         groups = [[p] for p in prefixes]
-    else:
-        groups = chunked(prefixes, query.numel(), model, memory_budget, chunk_size)
+    else:  # the longest prefixes first: each chunk crops the cache to its own
+        groups = chunked(prefixes, query.numel(), model, memory_budget, chunk_size)[::-1]
+        cache = context_cache(model, context[: prefixes[-1]])
+    tracked = groups
     if progress and len(groups) > 1:
-        groups = track(groups, description=f"prefixes ({method})", console=Console(stderr=True), transient=True)
-    start = time.perf_counter()
-    one_pass = method == "one pass"
-    parts = [_group(model, spec, context, query, group, output, dtype, one_pass, verify) for group in groups]
+        tracked = track(groups, description=f"prefixes ({method})", console=Console(stderr=True), transient=True)
+    parts = [_group(model, spec, context, query, group, output, dtype, cache, verify) for group in tracked]
+    parts = parts if cache is None else parts[::-1]
     seconds = time.perf_counter() - start
     return Trajectory(
         prefix_lengths=tuple(prefixes),
@@ -208,28 +224,35 @@ def custom_mask_refusal(model: PreTrainedModel) -> str | None:
 # --- the one-pass layout ----------------------------------------------------------------------------------
 
 
-def prefix_layout(context: Tensor, copies: Sequence[tuple[int, Tensor]]) -> tuple[ForwardInputs, Tensor]:
-    """One sequence holding the context once and copies of queries, copy j seeing only its prefix (see the
-    module docstring). context: [n]; copies: (prefix length p_j, query ids [q_j]) pairs, any queries.
+def context_cache(model: PreTrainedModel, context: Tensor) -> DynamicCache:
+    """The keys and values of the context [L] (L ≥ 0), every layer kept whole so that it can be cropped
+    (the copies' masks carry any sliding window)."""
+    cache = DynamicCache()
+    return prefilled_cache(model, context.to(model_device(model)), cache) if context.numel() else cache
 
-    Returns the inputs (batch of 1, a [1, T, T] visibility mask) and rows [m, 2] = (0, last token of copy j)."""
+
+def cropped(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` cached tokens (HF's crop takes the number to drop, negated)."""
+    cache.crop(length - cache.get_seq_length())
+
+
+def copies_layout(copies: Sequence[tuple[int, Tensor]], cached: int) -> tuple[ForwardInputs, Tensor]:
+    """Copies of queries after a cache of the context's first `cached` tokens, copy j seeing only its prefix
+    and itself (see the module docstring). copies: (prefix length p_j ≤ cached, query ids [q_j]) pairs.
+
+    Returns the inputs (batch of 1, a [1, T, cached + T] visibility mask) and rows [m, 2] = (0, last token
+    of copy j)."""
     starts = torch.tensor([p for p, _ in copies])  # [m]
     sizes = torch.tensor([query.numel() for _, query in copies])
-    length = int(starts.max())
-    ids = torch.cat([context[:length], *(query for _, query in copies)])
-    # Token t of the copies belongs to copy owner[t], at offset t − (its copy's first index) within it.
-    copy_owner = torch.repeat_interleave(torch.arange(len(copies)), sizes)
-    offsets = torch.arange(copy_owner.numel()) - (sizes.cumsum(0) - sizes)[copy_owner]
-    positions = torch.cat([torch.arange(length), starts[copy_owner] + offsets])
-    owner = torch.cat([torch.full((length,), -1), copy_owner])
-    prefix = torch.cat([starts, torch.tensor([length])])[owner]  # context tokens (owner −1) see the context
-    index = torch.arange(ids.numel())
-    sees_context = (owner[None, :] < 0) & (index[None, :] < prefix[:, None])
-    own_copy = (owner[:, None] == owner[None, :]) & (owner[:, None] >= 0)
-    visible = (index[:, None] >= index[None, :]) & (sees_context | own_copy)
-    ends = sizes.cumsum(0) + length - 1
-    rows = torch.stack([torch.zeros_like(ends), ends], -1)
-    return ForwardInputs(ids[None], positions[None], visible[None]), rows
+    # Token t belongs to copy owner[t], at offset t − (its copy's first index) within it.
+    owner = torch.repeat_interleave(torch.arange(len(copies)), sizes)
+    offsets = torch.arange(owner.numel()) - (sizes.cumsum(0) - sizes)[owner]
+    sees_context = torch.arange(cached)[None, :] < starts[owner][:, None]
+    own_copy = (owner[:, None] == owner[None, :]) & (offsets[:, None] >= offsets[None, :])
+    ids = torch.cat([query for _, query in copies])
+    visible = torch.cat([sees_context, own_copy], 1)
+    rows = torch.stack([torch.zeros_like(sizes), sizes.cumsum(0) - 1], -1)
+    return ForwardInputs(ids[None], (starts[owner] + offsets)[None], visible[None]), rows
 
 
 def chunked(
@@ -239,19 +262,30 @@ def chunked(
     (at least one copy per chunk, whatever the budget)."""
     if chunk_size is not None:
         return [prefixes[i : i + chunk_size] for i in range(0, len(prefixes), chunk_size)]
-    per_entry = attention_bytes_per_entry(model)
+    groups = fitting_groups([(p, query_length) for p in prefixes], attention_bytes_per_entry(model), memory_budget)
+    return [[prefixes[i] for i in group] for group in groups]
+
+
+def fitting_groups(copies: Sequence[tuple[int, int]], per_entry: int, memory_budget: int) -> list[list[int]]:
+    """Indices of consecutive copies (prefix length, tokens), in increasing prefix order, grouped so that each
+    group's attention — its tokens × (longest prefix + its tokens) entries — fits the memory budget and
+    CHUNK_ENTRIES (at least one copy per group)."""
+    most = min(CHUNK_ENTRIES, memory_budget // per_entry)
     groups: list[list[int]] = []
-    for p in prefixes:
-        if groups and (p + (len(groups[-1]) + 1) * query_length) ** 2 * per_entry <= memory_budget:
-            groups[-1].append(p)
+    tokens = 0
+    for index, (prefix, size) in enumerate(copies):
+        if groups and (tokens + size) * (prefix + tokens + size) <= most:
+            groups[-1].append(index)
+            tokens += size
         else:
-            groups.append([p])
+            groups.append([index])
+            tokens = size
     return groups
 
 
 def attention_bytes_per_entry(model: PreTrainedModel) -> int:
-    """Bytes per entry of the [T, T] attention of one pass: the scores, their softmax and the weighted copy
-    per head, in the model's dtype, plus the masks (additive, boolean, the int64 position distances)."""
+    """Bytes per entry of the [T, L + T] attention of one pass: the scores, their softmax and the weighted
+    copy per head, in the model's dtype, plus the masks (additive, boolean, the int64 position distances)."""
     config = model.config
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     itemsize = next(model.parameters()).element_size()
@@ -269,19 +303,21 @@ class _Part:
     mlp_inputs: list[Tensor]
 
 
-def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output, dtype, one_pass, verify) -> _Part:
-    """The patches of a group of prefixes: one custom-masked pass (one_pass) or one plain pass (one prefix)."""
+def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output, dtype, cache, verify) -> _Part:
+    """The patches of a group of prefixes: one pass of copies after the context's cache, cropped to the
+    group's longest prefix, or without a cache one plain pass (one prefix)."""
     device = model_device(model)
     q = query.numel()
-    if one_pass:
-        full, rows = prefix_layout(context, [(p, query) for p in prefixes])
+    if cache is not None:
+        cropped(cache, prefixes[-1])
+        full, rows = copies_layout([(p, query) for p in prefixes], prefixes[-1])
     else:
         (p,) = prefixes
         full, rows = ForwardInputs.plain(torch.cat([context[:p], query])[None]), torch.tensor([[0, p + q - 1]])
     positions = torch.tensor(prefixes)[:, None] + torch.arange(q)
     reduced = ForwardInputs.plain(query.expand(len(prefixes), q), positions).to(device)
     with _reading(model, spec, rows) as reading:
-        states = record_context(model, spec, full.to(device), rows, replay=q == 1)
+        states = record_context(model, spec, full.to(device), rows, replay=q == 1, cache=cache)
     context_logits = _replayed_logits(model, spec, states, reduced, reading.tuple_output)
     if spec.experts is not None and q > 1 and len(prefixes) > 1:
         # A router is not linear in its input, so several reduced sequences cannot share one layer re-run.
@@ -402,28 +438,23 @@ def prefix_logits(
     model: PreTrainedModel, context: Tensor, copies: Sequence[tuple[int, Tensor]], memory_budget: int = MEMORY_BUDGET
 ) -> Tensor:
     """The model's logits [m, V] at the last token of each copy: query j after the prefix p_j of the context,
-    in as few passes as the memory budget allows (one plain pass per copy where custom masks do not apply)."""
+    in as few passes after one cached context as the memory budget allows (one plain pass per copy where
+    custom masks do not apply)."""
+    device = model_device(model)
     if custom_mask_refusal(model) is not None:
         plain = [ForwardInputs.plain(torch.cat([context[:p], query])[None]) for p, query in copies]
-        return torch.cat([last_logits(model, inputs.to(model_device(model))) for inputs in plain])
-    per_entry, groups = attention_bytes_per_entry(model), [[]]
-    for copy in copies:
-        group = groups[-1] + [copy]
-        tokens = max(p for p, _ in group) + sum(query.numel() for _, query in group)
-        if groups[-1] and tokens**2 * per_entry > memory_budget:
-            group = [copy]
-            groups.append(group)
-        groups[-1] = group
-    logits = []
-    for group in groups:
-        inputs, rows = prefix_layout(context, group)
-        inputs = inputs.to(model_device(model))
-        output = model(
-            input_ids=inputs.input_ids,
-            position_ids=inputs.position_ids,
-            attention_mask=custom_attention_mask(model, inputs),
-            use_cache=False,
-            logits_to_keep=rows[:, 1].to(inputs.input_ids.device),
-        )
-        logits.append(output.logits[0])
-    return torch.cat(logits)
+        return torch.cat([last_logits(model, inputs.to(device)) for inputs in plain])
+    order = sorted(range(len(copies)), key=lambda i: copies[i][0])
+    sizes = [(copies[i][0], copies[i][1].numel()) for i in order]
+    groups = fitting_groups(sizes, attention_bytes_per_entry(model), memory_budget)
+    cache = context_cache(model, context[: sizes[-1][0]])
+    logits: list[Tensor | None] = [None] * len(copies)
+    for group in reversed(groups):  # the longest prefixes first, cropping the cache as they go
+        chosen = [order[k] for k in group]
+        longest = copies[chosen[-1]][0]
+        cropped(cache, longest)
+        inputs, rows = copies_layout([copies[i] for i in chosen], longest)
+        output = run_model(model, inputs.to(device), cache, logits_to_keep=rows[:, 1].to(device))
+        for i, row in zip(chosen, output[0], strict=True):
+            logits[i] = row
+    return torch.stack(logits)
