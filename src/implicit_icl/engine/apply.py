@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from implicit_icl.engine.lora import save_lora
-from implicit_icl.errors import ImplicitICLError
+from implicit_icl.errors import ImplicitICLError, holds_values
 from implicit_icl.patch import Delta, ModelFingerprint, PatchData
 from implicit_icl.theory import LowRankUpdate
 
@@ -123,6 +123,8 @@ def model_fingerprint(model: nn.Module, modules: Iterable[str]) -> ModelFingerpr
 
 
 def _digest(parameter: Tensor) -> str:
+    if not holds_values(parameter):  # a model on "meta" has shapes and no weights to hash
+        return f"meta {tuple(parameter.shape)}"
     cached = _cached_digest(parameter)
     if cached is not None:
         return cached

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import Cache, PreTrainedModel
 
 from implicit_icl.engine.spec import spec_for
-from implicit_icl.errors import ImplicitICLError
+from implicit_icl.errors import ImplicitICLError, holds_values
 
 
 class StopForward(Exception):
@@ -114,7 +114,7 @@ def model_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tenso
     if inputs.custom:
         return custom_attention_mask(model, inputs)
     mask = inputs.attention_mask
-    if spec_for(model).encoder or bool(mask[:, 0].all()):
+    if spec_for(model).encoder or not holds_values(mask) or bool(mask[:, 0].all()):
         return mask
     # Left padding in a decoder: a padding token at the start sees no token at all. HF fills masked scores
     # with the dtype's minimum, which the float32 softmax of a float64 model turns into −inf: a row of NaN

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, safe_squared_norm
+from implicit_icl.errors import ImplicitICLError, check_finite, check_last_dim, holds_values, safe_squared_norm
 from implicit_icl.theory.least_squares import relative_ridge, ridge_update
 from implicit_icl.theory.low_rank import LowRankUpdate
 
@@ -54,7 +54,7 @@ def scale_reaching(target: Tensor, normalized: Tensor) -> Tensor:
     Coordinates where both are 0 get 0; where only `normalized` is 0 no scale reaches the target.
     """
     blocked = (normalized == 0) & (target != 0)
-    if blocked.any():
+    if holds_values(blocked) and blocked.any():
         raise ImplicitICLError(
             f"the normalised MLP output is zero at {int(blocked.sum())} coordinate(s) where the needed change is "
             "not, so no norm-scale patch reaches it; use the stable variant (output 'stable')"
@@ -70,7 +70,7 @@ def working_norm_scale(scale: Tensor, scale_floor: float) -> Tensor:
     """ŝ: the scale s with every |s_j| raised to at least scale_floor · rms(s), signs kept (0 counts as +): [d]."""
     floor = scale_floor * scale.pow(2).mean().sqrt()
     sign = torch.where(scale < 0, -torch.ones_like(scale), torch.ones_like(scale))
-    return sign * torch.clamp(scale.abs(), min=float(floor))
+    return sign * torch.maximum(scale.abs(), floor)
 
 
 def check_elementwise_scale(scale: Tensor, shift: Tensor) -> None:
@@ -81,7 +81,7 @@ def check_elementwise_scale(scale: Tensor, shift: Tensor) -> None:
     from 1e-4 to 1e5 over the layers (logits off by 50); the stable variant reaches these coordinates.
     """
     blocked = (scale == 0) & (shift != 0)
-    if blocked.any():
+    if holds_values(blocked) and blocked.any():
         raise ImplicitICLError(
             f"the post-norm scale is zero at {int(blocked.sum())} coordinate(s) where the needed shift is not, "
             "where an elementwise scale patch is ill-conditioned; use the stable variant (output 'stable')"

@@ -94,7 +94,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
         product = torch.where(norms > noise, norms, torch.nan) * norms[-1]
         final_inner = sum(_inner_with_last(delta) for delta in inputs)
         rows["update_norms"].append(norms)
-        rows["alignment"].append(final_inner / product * no_context_nan)
+        rows["alignment"].append(final_inner / product * no_context_nan.to(norms.device))
         rows["increment_norms"].append(sum(_squared_step_norms(delta) for delta in inputs).sqrt())
         rows["output_norms"].append(sum(_squared_norms(delta) for delta in outputs).sqrt())
         reference = _references(inputs[0])
@@ -103,7 +103,8 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
         step, remainder = _gradient_split(spec, weights, inputs)
         rows["gradient_step_norms"].append(step)
         rows["remainder_norms"].append(remainder)
-    return LayerSeries(**{key: torch.stack(values) for key, values in rows.items()})
+    # A dispatched model spreads its layers over devices: the series gather on the first layer's.
+    return LayerSeries(**{key: torch.stack([v.to(values[0].device) for v in values]) for key, values in rows.items()})
 
 
 def _f64(delta: Delta) -> Delta:
@@ -152,7 +153,7 @@ def _references(delta: LowRankUpdate) -> Tensor:
 def _gradient_split(spec: FamilySpec, weights: dict[str, Tensor], inputs: list[LowRankUpdate]):
     """||step_j|| and ||remainder_j|| [P−1] of the layer's stacked input side (NaN for experts)."""
     if spec.experts is not None:
-        nan = torch.full((inputs[0].batch_shape[0] - 1,), torch.nan, dtype=F64)
+        nan = torch.full((inputs[0].batch_shape[0] - 1,), torch.nan, dtype=F64, device=inputs[0].U.device)
         return nan, nan
     pairs = [gradient_step_norms(weight, delta) for weight, delta in zip(weights.values(), inputs, strict=True)]
     steps, remainders = (torch.stack(norms).norm(dim=0) for norms in zip(*pairs, strict=True))  # the stack's norms
@@ -253,7 +254,7 @@ def factorised_check(model: PreTrainedModel, trajectory: Trajectory, layers: lis
         reference = _references(_f64(trajectory.patch.deltas[names[0]]))[-1]
         factors = factorised_updates(context.flip(0), reference)
         produced = apply_factorised(weight, factors, reference)
-        identity = torch.eye(weight.shape[1], dtype=F64)
+        identity = torch.eye(weight.shape[1], dtype=F64, device=weight.device)
         change = apply_factorised(weight, factors, identity).T - weight
         results.append(
             dict(
