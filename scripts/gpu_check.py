@@ -1,7 +1,9 @@
 """The GPU check (one run, a few minutes on one GPU): the device-placement tests on CUDA, then a randomly
 initialised ~1B-parameter Llama built from a config there: exact patch in float32 and bfloat16 (top-1
-agreement and max |logit diff| against the model with its context, and without any patch), and the patch's
-cost against one context-ful forward. Prints one JSON object (also $OUT/gpu_check.json where OUT is set).
+agreement and max |logit diff| against the model with its context, and without any patch), cached patched
+generation in both (agreement with the context, cost per token against HF's cached `generate`), and the
+patch's cost against one context-ful forward. Prints one JSON object (also $OUT/gpu_check.json where OUT is
+set).
 
     PYTHONPATH=src python scripts/gpu_check.py [--tiny] [--skip-pytest]
 """
@@ -17,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from implicit_icl.hf import compute_patch, verify_patch
+from implicit_icl.cli.patch import plain_seconds_per_token
+from implicit_icl.hf import compute_patch, patched_generate, verify_patch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from timing import llama_style, median_seconds  # noqa: E402
 
 # layers, width, MLP width, heads, key/value heads (benchmarks/timing.llama_style)
 SIZES = {"1b": (16, 2048, 8192, 32, 8), "tiny": (2, 64, 128, 4, 2)}
+NEW_TOKENS = 32
 
 
 def seconds(function, device: torch.device) -> float:
@@ -40,6 +44,7 @@ def seconds(function, device: torch.device) -> float:
 def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
     model = llama_style(*SIZES[size], vocab=32000, positions=1024).to(device)
     result = {"parameters": sum(p.numel() for p in model.parameters())}
+    with_context: dict[str, list[int]] = {}  # dtype -> greedy tokens of the model with its context
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         model.to(dtype)
         rows = []
@@ -47,11 +52,16 @@ def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
             ids = torch.randint(0, 32000, (257,), generator=torch.Generator().manual_seed(seed))
             patch = compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32)
             rows.append(verify_patch(model, ids[:-1], ids[-1:], patch))
+        generation, with_context[name] = generation_check(model)
         result[name] = {
             "top1_agreement": sum(r.top1_match for r in rows) / len(rows),
             "max_abs_logit_diff": max(r.max_abs_logit_diff for r in rows),
             "baseline_max_abs_logit_diff": max(r.baseline_max_abs_logit_diff for r in rows),
+            **generation,
         }
+    # bf16's own floor (docs/results/bf16.md): the model with its context, greedy in bfloat16 against float32.
+    pairs = zip(with_context["float32"], with_context["bfloat16"], strict=True)
+    result["bfloat16"]["floor_free_running"] = sum(a == b for a, b in pairs) / NEW_TOKENS
     model.to(torch.float32)
     ids = torch.randint(0, 32000, (513,), generator=torch.Generator().manual_seed(9)).to(device)
     with torch.no_grad():
@@ -60,6 +70,22 @@ def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
     result["patch_seconds_per_forward"] = patch_seconds / forward
     result["forward_seconds_512_tokens"] = forward
     return result
+
+
+def generation_check(model) -> tuple[dict, list[int]]:
+    """Greedy NEW_TOKENS after a random 257-token prompt: the cached patched path (each token alone under its
+    exact patch) against the model with the context, and its cost per token against HF's cached generate;
+    with the context-ful tokens."""
+    ids = torch.randint(0, 32000, (257,), generator=torch.Generator().manual_seed(11))
+    generation = patched_generate(model, ids[:-1], ids[-1:], NEW_TOKENS)
+    plain = plain_seconds_per_token(model, ids, NEW_TOKENS)
+    return {
+        "generation_agreement": generation.agreement,
+        "generation_teacher_forced_agreement": generation.teacher_forced_agreement,
+        "seconds_per_token_patched": generation.seconds_per_token_patched,
+        "seconds_per_token_plain": plain,
+        "patched_to_plain": generation.seconds_per_token_patched / plain,
+    }, generation.tokens_with_context
 
 
 def main() -> None:
