@@ -1,9 +1,9 @@
-"""The GPU check (one run, a few minutes on one GPU): the device-placement tests on CUDA, then a randomly
-initialised ~1B-parameter Llama built from a config there: exact patch in float32 and bfloat16 (top-1
-agreement and max |logit diff| against the model with its context, and without any patch), cached patched
-generation in both (agreement with the context, cost per token against HF's cached `generate`), and the
-patch's cost against one context-ful forward. Prints one JSON object (also $OUT/gpu_check.json where OUT is
-set).
+"""The GPU check (one run, meant to take under 5 minutes on one GPU; never timed there): the device-placement
+tests on CUDA, then a randomly initialised ~1B-parameter Llama built from a config there: exact patch in
+float32 and bfloat16 (top-1 agreement and max |logit diff| against the model with its context, and without
+any patch), cached patched generation in both (agreement with the context, cost per token against HF's
+cached `generate`, and bfloat16's own floor as scripts/bf16_real_model.py takes it), and the patch's cost
+against one context-ful forward. Prints one JSON object (also $OUT/gpu_check.json where OUT is set).
 
     PYTHONPATH=src python scripts/gpu_check.py [--tiny] [--skip-pytest]
 """
@@ -11,6 +11,7 @@ set).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -22,12 +23,15 @@ import torch
 from implicit_icl.cli.patch import plain_seconds_per_token
 from implicit_icl.hf import compute_patch, patched_generate, verify_patch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bf16_real_model import floor  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from timing import llama_style, median_seconds  # noqa: E402
 
 # layers, width, MLP width, heads, key/value heads (benchmarks/timing.llama_style)
 SIZES = {"1b": (16, 2048, 8192, 32, 8), "tiny": (2, 64, 128, 4, 2)}
-NEW_TOKENS = 32
+NEW_TOKENS, GENERATION_SEED = 32, 11
 
 
 def seconds(function, device: torch.device) -> float:
@@ -43,27 +47,24 @@ def seconds(function, device: torch.device) -> float:
 
 def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
     model = llama_style(*SIZES[size], vocab=32000, positions=1024).to(device)
+    models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     result = {"parameters": sum(p.numel() for p in model.parameters())}
-    with_context: dict[str, list[int]] = {}  # dtype -> greedy tokens of the model with its context
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        model.to(dtype)
+    for name, checked in models.items():
         rows = []
         for seed in range(prompts):
-            ids = torch.randint(0, 32000, (257,), generator=torch.Generator().manual_seed(seed))
-            patch = compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32)
-            rows.append(verify_patch(model, ids[:-1], ids[-1:], patch))
-        generation, with_context[name] = generation_check(model)
+            ids = random_ids(257, seed)
+            patch = compute_patch(checked, ids[:-1], ids[-1:], dtype=torch.float32)
+            rows.append(verify_patch(checked, ids[:-1], ids[-1:], patch))
         result[name] = {
             "top1_agreement": sum(r.top1_match for r in rows) / len(rows),
             "max_abs_logit_diff": max(r.max_abs_logit_diff for r in rows),
             "baseline_max_abs_logit_diff": max(r.baseline_max_abs_logit_diff for r in rows),
-            **generation,
+            **generation_check(checked),
         }
-    # bf16's own floor (docs/results/bf16.md): the model with its context, greedy in bfloat16 against float32.
-    pairs = zip(with_context["float32"], with_context["bfloat16"], strict=True)
-    result["bfloat16"]["floor_free_running"] = sum(a == b for a, b in pairs) / NEW_TOKENS
-    model.to(torch.float32)
-    ids = torch.randint(0, 32000, (513,), generator=torch.Generator().manual_seed(9)).to(device)
+    # bf16's own floor (docs/results/bf16.md): the model with its context in bfloat16 against float32.
+    forced, free = floor(models.pop("bfloat16"), model, random_ids(257, GENERATION_SEED).to(device), NEW_TOKENS)
+    result["bfloat16"].update(floor_teacher_forced=forced, floor_free_running=free)
+    ids = random_ids(513, 9).to(device)
     with torch.no_grad():
         forward = seconds(lambda: model(ids[None]), device)
     patch_seconds = seconds(lambda: compute_patch(model, ids[:-1], ids[-1:], dtype=torch.float32), device)
@@ -72,11 +73,14 @@ def llama_check(size: str, device: torch.device, prompts: int = 4) -> dict:
     return result
 
 
-def generation_check(model) -> tuple[dict, list[int]]:
+def random_ids(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 32000, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def generation_check(model) -> dict:
     """Greedy NEW_TOKENS after a random 257-token prompt: the cached patched path (each token alone under its
-    exact patch) against the model with the context, and its cost per token against HF's cached generate;
-    with the context-ful tokens."""
-    ids = torch.randint(0, 32000, (257,), generator=torch.Generator().manual_seed(11))
+    exact patch) against the model with the context, and its cost per token against HF's cached generate."""
+    ids = random_ids(257, GENERATION_SEED)
     generation = patched_generate(model, ids[:-1], ids[-1:], NEW_TOKENS)
     plain = plain_seconds_per_token(model, ids, NEW_TOKENS)
     return {
@@ -85,7 +89,7 @@ def generation_check(model) -> tuple[dict, list[int]]:
         "seconds_per_token_patched": generation.seconds_per_token_patched,
         "seconds_per_token_plain": plain,
         "patched_to_plain": generation.seconds_per_token_patched / plain,
-    }, generation.tokens_with_context
+    }
 
 
 def main() -> None:

@@ -51,8 +51,10 @@ META_CASES = [case for case in ZOO_CASES if case[0] not in ("mixtral", "bert")]
 
 def _layout(patch) -> dict:
     """Every delta's name and shapes (a low-rank one's two factors)."""
-    factors = lambda d: (d.U, d.V) if isinstance(d, LowRankUpdate) else (d,)  # noqa: E731
-    return {name: [t.shape for t in factors(delta)] for name, delta in patch.deltas.items()}
+    return {
+        name: [delta.U.shape, delta.V.shape] if isinstance(delta, LowRankUpdate) else [delta.shape]
+        for name, delta in patch.deltas.items()
+    }
 
 
 @pytest.mark.parametrize(("family", "variant"), META_CASES)
