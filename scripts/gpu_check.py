@@ -95,7 +95,7 @@ def generation_check(model) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="a tiny config: checks that the script runs")
-    parser.add_argument("--skip-pytest", action="store_true")
+    parser.add_argument("--skip-pytest", action="store_true", help="leave out the device-placement tests")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report: dict = {
