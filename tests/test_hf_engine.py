@@ -9,7 +9,7 @@ the post-LayerNorm encoder have theirs in test_hf_families.py.
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from implicit_icl.hf import SPECS, compute_patch, every_position_patches, verify_every_position, verify_patch
@@ -40,8 +40,11 @@ def _assert_exact(verification, dtype):
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), context_length=st.integers(1, 64))
 def test_query_alone_reproduces_the_context(family, variant, dtype, seed, context_length):
-    model = tiny_model(family, variant=variant, seed=seed % 3, dtype=dtype)
     ids = _ids(context_length + 1, seed)
+    # A context that only repeats the query token changes nothing under relative positions (attention
+    # averages equal values) beyond the softmax's float32 rounding, so the guard cannot hold (Mixtral, seed 4945).
+    assume(not (ids[:-1] == ids[-1]).all())
+    model = tiny_model(family, variant=variant, seed=seed % 3, dtype=dtype)
     patch = compute_patch(model, ids[:-1], ids[-1:], dtype=dtype)
     assert patch.dtype == dtype and patch.positions == (context_length,)
     _assert_exact(verify_patch(model, ids[:-1], ids[-1:], patch), dtype)
