@@ -241,7 +241,7 @@ class _LayerConstruction:
         self.feed_context_inputs = mode == "fed"
         self.deltas: dict[str, Delta] = {}
         self.seen: dict[str, Tensor] = {}  # the reduced run's values at the patched token
-        self.raw: dict[str, Tensor] = {}  # the same, [N, 1, ·] in the model's dtype
+        self.raw: dict[str, Tensor] = {}  # the same, [N, 1, ·] in the model's dtype ("add" mode only)
         self.rerunning = False
         self.experts = None
         if spec.experts is not None:
@@ -297,10 +297,15 @@ class _LayerConstruction:
 
     def _record(self, input_key: str, output_key: str | None):
         def hook(module, args, output):
-            if not self.rerunning:
-                self.seen[input_key], self.raw[input_key] = self._query(args[0]), args[0][:, -1:].clone()
+            if self.rerunning:
+                return
+            self.seen[input_key] = self._query(args[0])
+            if output_key is not None:
+                self.seen[output_key] = self._query(output)
+            if self.mode == "add":  # only `_output_side_effect` reads them, after the layer has run on
+                self.raw[input_key] = args[0][:, -1:].clone()
                 if output_key is not None:
-                    self.seen[output_key], self.raw[output_key] = self._query(output), output[:, -1:].clone()
+                    self.raw[output_key] = output[:, -1:].clone()
 
         return hook
 
