@@ -77,7 +77,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
     """Every layer's series; the trajectory needs at least two prefix entries.
 
     They are computed in the patch's own precision (at least float32) and returned in float64: float64
-    arithmetic on float32 factors would change them by ~1e-7 relative, below the factors' own rounding, at
+    arithmetic on float32 factors would move them by at most ~1e-6 relative, the factors' own rounding, at
     about 1.4× the cost."""
     spec = spec_for(model)
     deltas = trajectory.patch.deltas
