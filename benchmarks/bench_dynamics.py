@@ -11,6 +11,7 @@ head on n + 1 rows, so at n = 256 the lean ratio cannot exceed ~45 with a small 
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import llama_style, wall_seconds  # noqa: E402
+from timing import llama_style, median_seconds, wall_seconds  # noqa: E402
 
-from implicit_icl.analyses.dynamics.prefixes import prefix_patches
+from implicit_icl.analyses.dynamics.prefixes import context_cache, prefix_patches
 from implicit_icl.analyses.dynamics.series import layer_series
 
 LAYERS, WIDTH, CONTEXT = 4, 256, 256
@@ -49,13 +50,17 @@ def one_pass(model, context, query, verify: bool) -> None:
     layer_series(model, trajectory)
 
 
+def inputs_of(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The benchmark's random context [CONTEXT] and one-token query [1] (seed 0)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (CONTEXT,), generator=generator), torch.randint(0, vocab, (1,), generator=generator)
+
+
 def ratios(vocab: int, repeats: int) -> list[tuple[str, float, str]]:
     """Each repeat times the loops and the one pass back to back (load drifting on a shared machine hits them
     alike); the median of the per-repeat ratios."""
     model = model_of(vocab)
-    generator = torch.Generator().manual_seed(0)
-    context = torch.randint(0, vocab, (CONTEXT,), generator=generator)
-    query = torch.randint(0, vocab, (1,), generator=generator)
+    context, query = inputs_of(vocab)
     whole = torch.cat([context, query])[None]
     steps = {
         "one forward": lambda: forward_once(model, whole),
@@ -104,5 +109,36 @@ def chunk_ratio(repeats: int = 7, context_length: int = 1_024) -> list[tuple[str
     return [("one-pass dynamics, all copies in one pass / in the default chunks", ratio, setting)]
 
 
+def phases(vocab: int = 1_024, repeats: int = 15) -> dict[str, float]:
+    """The one pass by phase, in forwards of the n + 1 tokens (medians of `repeats`), and the minor page faults
+    of one whole pass (the loop's are counted too): what `python benchmarks/bench_dynamics.py` prints."""
+    model = model_of(vocab)
+    context, query = inputs_of(vocab)
+    patches = lambda: prefix_patches(model, context, query, dtype=torch.float32, verify=False)  # noqa: E731
+    trajectory = patches()
+    forward = median_seconds(lambda: forward_once(model, torch.cat([context, query])[None]), repeats)
+    steps = {
+        "context cache": lambda: context_cache(model, context),
+        "prefix_patches (context, copies, reduced step)": patches,
+        "layer_series": lambda: layer_series(model, trajectory),
+    }
+    report = {f"{name} (forwards)": median_seconds(step, repeats) / forward for name, step in steps.items()}
+    for name, step in (
+        ("one pass", lambda: one_pass(model, context, query, verify=False)),
+        ("plain loop", lambda: forward_loop(model, context, query, lean=False)),
+    ):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        report[f"{name} (minor page faults)"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return report
+
+
 def run(repeats: int = 3) -> list[tuple[str, float, str]]:
     return ratios(32_000, repeats) + ratios(1_024, repeats) + chunk_ratio()
+
+
+if __name__ == "__main__":  # the vocab-1,024 ratios of one run, then the one pass phase by phase
+    for what, ratio, _ in ratios(1_024, repeats=5):
+        print(f"{ratio:6.1f}×  {what}")
+    for what, value in phases().items():
+        print(f"{value:8.2f}  {what}")

@@ -299,13 +299,11 @@ class _LayerConstruction:
         def hook(module, args, output):
             if self.rerunning:
                 return
-            self.seen[input_key] = self._query(args[0])
-            if output_key is not None:
-                self.seen[output_key] = self._query(output)
-            if self.mode == "add":  # only `_output_side_effect` reads them, after the layer has run on
-                self.raw[input_key] = args[0][:, -1:].clone()
-                if output_key is not None:
-                    self.raw[output_key] = output[:, -1:].clone()
+            recorded = {input_key: args[0]} if output_key is None else {input_key: args[0], output_key: output}
+            for key, tensor in recorded.items():
+                self.seen[key] = self._query(tensor)
+                if self.mode == "add":  # only `_output_side_effect` reads them, after the layer has run on
+                    self.raw[key] = tensor[:, -1:].clone()
 
         return hook
 
