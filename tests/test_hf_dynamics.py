@@ -30,7 +30,7 @@ from implicit_icl.analyses.dynamics.series import (
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import SPECS, compute_patch
 from implicit_icl.models.zoo import VOCAB_SIZE, ZOO_CASES, _draw_weights, tiny_config, tiny_model
-from implicit_icl.theory import LowRankUpdate
+from implicit_icl.theory import LowRankUpdate, gradient_step_norms
 
 DECODERS = sorted(family for family, spec in SPECS.items() if not spec.encoder)
 FLOAT32_NORMS = {"gemma2": 1e-5, "gemma3_text": 1e-5}  # HF normalises in float32 in these, even in float64
@@ -204,6 +204,20 @@ def test_series_from_factors_equal_the_dense_definitions(family):
         cosine = (stacked * stacked[-1]).sum((-1, -2)) / (norms * norms[-1])
         torch.testing.assert_close(series.alignment[layer, 1:], cosine[1:], rtol=1e-9, atol=1e-12)
         assert series.alignment[layer, 0].isnan()  # no context: no direction
+        if spec.experts is not None:
+            assert series.gradient_step_norms[layer].isnan().all() and not trajectory.input_side_outputs
+            continue
+        # the split reads W_0 A_j (+ bias) as the context-ful pass recorded it: the same as the product with W_0
+        split = []
+        for name in input_side_names(model, spec, layer):
+            weight, delta = matrix(model, name), trajectory.patch.deltas[name]
+            recorded = trajectory.input_side_outputs[name].double() - delta.U[..., 0]  # W_0 a_j (+ bias)
+            product = (delta.V[..., 0] / delta.V[..., 0].pow(2).sum(-1, keepdim=True)) @ weight.T
+            torch.testing.assert_close(recorded - recorded[:1], product - product[:1], rtol=1e-9, atol=1e-6)
+            split.append(torch.stack(gradient_step_norms(weight, delta)))
+        steps, remainders = torch.stack(split).norm(dim=0)
+        torch.testing.assert_close(series.gradient_step_norms[layer], steps, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(series.remainder_norms[layer], remainders, rtol=1e-6, atol=1e-9)
     assert series.increment_norms.shape == (model.config.num_hidden_layers, 5)
 
 

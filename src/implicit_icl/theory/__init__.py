@@ -2,6 +2,7 @@
 
 from implicit_icl.theory.dynamics import (
     GradientSteps,
+    RankOneSeries,
     apply_factorised,
     consecutive_differences,
     factorised_updates,
@@ -10,6 +11,7 @@ from implicit_icl.theory.dynamics import (
     gradient_steps,
     increment_norms,
     prefix_updates,
+    rank_one_series,
     step_norms,
 )
 from implicit_icl.theory.low_rank import LowRankUpdate
@@ -34,6 +36,7 @@ __all__ = [
     "GradientSteps",
     "ImplicitUpdate",
     "LowRankUpdate",
+    "RankOneSeries",
     "apply_factorised",
     "consecutive_differences",
     "factorised_updates",
@@ -44,6 +47,7 @@ __all__ = [
     "norm_scale_shift",
     "output_rank_one",
     "prefix_updates",
+    "rank_one_series",
     "rank_one_update",
     "residual_update",
     "rms_normalize",

@@ -130,17 +130,7 @@ def step_norms(updates: LowRankUpdate) -> Tensor:
     """||ΔW_{j+1} − ΔW_j||_F from the factors for a trajectory [..., P, ·, k] -> [..., P−1]; right factors may differ."""
     if updates.rank != 1:
         return consecutive_differences(updates).norm()
-    _check_trajectory(updates)
-    u, v = updates.U[..., 0], updates.V[..., 0]
-    return _rank_two_norm(u[..., 1:, :] - u[..., :-1, :], v[..., 1:, :], u[..., :-1, :], v[..., 1:, :] - v[..., :-1, :])
-
-
-def _rank_two_norm(a: Tensor, b: Tensor, c: Tensor, e: Tensor) -> Tensor:
-    """||a b^T + c e^T||_F from four dot products, for a, c: [..., out], b, e: [..., in] -> [...]. As free of
-    cancellation as the factors: where they are differences, so are the terms."""
-    dot = lambda x, y: (x * y).sum(-1)  # noqa: E731
-    squared = dot(a, a) * dot(b, b) + dot(c, c) * dot(e, e) + 2 * dot(a, c) * dot(b, e)
-    return squared.clamp_min(0).sqrt()
+    return rank_one_series(updates).increments.sqrt()
 
 
 @dataclass(frozen=True)
@@ -168,7 +158,9 @@ def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
     a_j^T / ||a_j||² (A_j: what W reads with prefix j, a_j: without it). Only W_0, u_j and v_j are needed:
     a_j = v_j / ||v_j||² and W_0 A_j = W_0 a_j + u_j.
     """
-    u, v, moved, learning_rates = _moved_reference(weight, updates)
+    u, v = _rank_one_factors(updates, "the gradient-descent split")
+    reference, learning_rates = _references(v)
+    moved = _moved(weight, u, reference, None)
     step = LowRankUpdate.rank_one(u[..., 1:, :] - u[..., :-1, :] - moved, v[..., 1:, :])
     remainder = LowRankUpdate(
         torch.stack([moved, u[..., :-1, :]], -1), torch.stack([v[..., 1:, :], v[..., 1:, :] - v[..., :-1, :]], -1)
@@ -179,24 +171,81 @@ def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
 def gradient_step_norms(weight: Tensor, updates: LowRankUpdate) -> tuple[Tensor, Tensor]:
     """(||step_j||_F, ||remainder_j||_F) [..., P−1] of `gradient_steps`, from dot products of the factors
     without building the split (the dynamics' series need only its norms)."""
-    u, v, moved, _ = _moved_reference(weight, updates)
-    step = (u[..., 1:, :] - u[..., :-1, :] - moved).norm(dim=-1) * v[..., 1:, :].norm(dim=-1)
-    remainder = _rank_two_norm(moved, v[..., 1:, :], u[..., :-1, :], v[..., 1:, :] - v[..., :-1, :])
-    return step, remainder
+    series = rank_one_series(updates, weight)
+    return series.steps.sqrt(), series.remainders.sqrt()
 
 
-def _moved_reference(weight: Tensor, updates: LowRankUpdate) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """u_j [..., P, out], v_j [..., P, in], W_0 (a_j − a_{j+1}) [..., P−1, out] and h_j = ||v_j||² [..., P]
-    of a rank-1 trajectory (a_j = v_j / ||v_j||²)."""
+@dataclass(frozen=True)
+class RankOneSeries:
+    """Squared norms of a rank-1 trajectory ΔW_j = u_j v_j^T, entries on the last batch dimension (squared, so
+    that the blocks of a stacked matrix add up). updates: ||ΔW_j||² and with_last: <ΔW_j, ΔW_last> [..., P];
+    increments: ||ΔW_{j+1} − ΔW_j||², steps and remainders: ||step_j||², ||remainder_j||² of `gradient_steps`
+    [..., P−1] (None without W_0); learning_rates: h_j = ||v_j||² [..., P]."""
+
+    updates: Tensor
+    with_last: Tensor
+    increments: Tensor
+    steps: Tensor | None
+    remainders: Tensor | None
+    learning_rates: Tensor
+
+
+def rank_one_series(
+    updates: LowRankUpdate, weight: Tensor | None = None, outputs: Tensor | None = None
+) -> RankOneSeries:
+    """Every series of a rank-1 trajectory from one set of dot products of its factors, never dense.
+
+    updates: U [..., P, out, 1], V [..., P, in, 1]; weight W_0 [out, in] for the gradient split (None: no
+    split); outputs: [..., P, out] W_0 A_j (+ any bias, which cancels) where the caller recorded them: the split
+    then needs no product with W_0. Differences are taken on the factors before any dot product, so the
+    increments carry no ||A||² + ||B||² − 2<A, B> cancellation."""
+    u, v = _rank_one_factors(updates, "the series of a trajectory")
+    squared_u, squared_v = _dot(u, u), _dot(v, v)
+    earlier, later = u[..., :-1, :], v[..., 1:, :]
+    du, dv = u[..., 1:, :] - earlier, later - v[..., :-1, :]
+    # ΔW_{j+1} − ΔW_j = du v_{j+1}^T + u_j dv^T and the remainder moved v_{j+1}^T + u_j dv^T share their second term
+    second, cross = squared_u[..., :-1] * _dot(dv, dv), _dot(later, dv)
+    rates_after = squared_v[..., 1:]
+    steps = remainders = None
+    if weight is not None:
+        moved = _moved(weight, u, _references(v)[0], outputs)
+        step = du - moved
+        steps = _dot(step, step) * rates_after
+        remainders = (_dot(moved, moved) * rates_after + second + 2 * _dot(moved, earlier) * cross).clamp_min(0)
+    return RankOneSeries(
+        updates=squared_u * squared_v,
+        with_last=_dot(u, u[..., -1:, :]) * _dot(v, v[..., -1:, :]),
+        increments=(_dot(du, du) * rates_after + second + 2 * _dot(du, earlier) * cross).clamp_min(0),
+        steps=steps,
+        remainders=remainders,
+        learning_rates=squared_v,
+    )
+
+
+def _rank_one_factors(updates: LowRankUpdate, what: str) -> tuple[Tensor, Tensor]:
+    """u_j [..., P, out] and v_j [..., P, in] of a rank-1 trajectory."""
     if updates.rank != 1:
-        raise ImplicitICLError(
-            f"the gradient-descent split takes rank-1 updates (one reference each), got rank {updates.rank}"
-        )
+        raise ImplicitICLError(f"{what} takes rank-1 updates (one reference each), got rank {updates.rank}")
     _check_trajectory(updates)
-    check_last_dim("the right factors", updates.V[..., 0], weight.shape[1])
-    u, v = updates.U[..., 0], updates.V[..., 0]
-    learning_rates = safe_squared_norm("a right factor v_j", v)  # ||v_j||² = 1/||a_j||²
-    reference = v / learning_rates.unsqueeze(-1)
-    # the product in W's own dtype (a float32 model's matrix need not be copied to float64)
-    moved = ((reference[..., :-1, :] - reference[..., 1:, :]).to(weight.dtype) @ weight.T).to(v.dtype)
-    return u, v, moved, learning_rates
+    return updates.U[..., 0], updates.V[..., 0]
+
+
+def _references(v: Tensor) -> tuple[Tensor, Tensor]:
+    """The references a_j = v_j / ||v_j||² [..., P, in] and h_j = ||v_j||² = 1/||a_j||² [..., P]."""
+    learning_rates = safe_squared_norm("a right factor v_j", v)
+    return v / learning_rates.unsqueeze(-1), learning_rates
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum(-1)
+
+
+def _moved(weight: Tensor, u: Tensor, reference: Tensor, outputs: Tensor | None) -> Tensor:
+    """W_0 (a_j − a_{j+1}) [..., P−1, out]: from the recorded outputs W_0 A_j = W_0 a_j + u_j where given, else
+    the product (in W's own dtype: a float32 model's matrix need not be copied to float64)."""
+    check_last_dim("the right factors", reference, weight.shape[1])
+    if outputs is not None:
+        check_last_dim("the outputs W_0 A_j", outputs, u.shape[-1])
+        alone = outputs.to(u.dtype) - u  # W_0 a_j (+ bias)
+        return alone[..., :-1, :] - alone[..., 1:, :]
+    return ((reference[..., :-1, :] - reference[..., 1:, :]).to(weight.dtype) @ weight.T).to(u.dtype)

@@ -50,7 +50,7 @@ from implicit_icl.engine.forward import (
 )
 from implicit_icl.engine.growing import prefilled_cache
 from implicit_icl.engine.inputs import TokenIds, checked_pair
-from implicit_icl.engine.spec import FamilySpec, layers_of, spec_for
+from implicit_icl.engine.spec import FamilySpec, layers_of, layers_path, spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.patch import Source, concatenate, concatenate_deltas
 
@@ -72,6 +72,9 @@ class Trajectory:
         alone under entry j (None when not verified). Both in the model's dtype.
     mlp_inputs: per layer [P, in], what the layer's first MLP matrix reads at the last query token with prefix
         p_j (the A_j of theory.md §6 in that layer; for a mixture of experts, the router's input).
+    input_side_outputs: per MLP input matrix (full parameter name) [P, out], what it gives there, W A_j (+ its
+        bias), in the model's dtype (none for a mixture of experts): the series' gradient split reads W_0 A_j
+        from it instead of a product with W_0.
     method: "one pass" or "loop"; notice: why the loop ran (None for one pass); chunks: context-ful passes.
     seconds: wall time of the computation.
     """
@@ -81,6 +84,7 @@ class Trajectory:
     context_logits: Tensor
     patched_logits: Tensor | None
     mlp_inputs: list[Tensor]
+    input_side_outputs: dict[str, Tensor]
     method: str
     notice: str | None
     chunks: int
@@ -112,6 +116,7 @@ class Trajectory:
             context_logits=self.context_logits[index],
             patched_logits=patched,
             mlp_inputs=[layer[index] for layer in self.mlp_inputs],
+            input_side_outputs={name: outputs[index] for name, outputs in self.input_side_outputs.items()},
         )
 
 
@@ -167,6 +172,9 @@ def prefix_patches(
         context_logits=_joined([part.context_logits for part in parts]),
         patched_logits=_joined([part.patched_logits for part in parts]) if verify else None,
         mlp_inputs=[_joined(layer) for layer in zip(*(part.mlp_inputs for part in parts), strict=True)],
+        input_side_outputs={
+            name: _joined([part.input_side_outputs[name] for part in parts]) for name in parts[0].input_side_outputs
+        },
         method=method,
         notice=notice,
         chunks=len(parts),
@@ -301,6 +309,7 @@ class _Part:
     context_logits: Tensor
     patched_logits: Tensor | None
     mlp_inputs: list[Tensor]
+    input_side_outputs: dict[str, Tensor]
 
 
 def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output, dtype, cache, verify) -> _Part:
@@ -332,8 +341,14 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
     sources = [Source(context_tokens[:p], query_tokens, tuple(range(p, p + q))) for p in prefixes]
     patch = assemble_patch(model, deltas, output, dtype, sources, None)
     mlp_inputs = reading.mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
+    prefix = layers_path(model, spec)
+    input_side_outputs = {
+        f"{prefix}.{index}.{path}.weight": layer[path]
+        for index, layer in enumerate(states.outputs)
+        for path in spec.mlp_inputs
+    }
     patched_logits = patched_last_logits(model, patch, reduced) if verify else None
-    return _Part(patch, context_logits, patched_logits, mlp_inputs)
+    return _Part(patch, context_logits, patched_logits, mlp_inputs, input_side_outputs)
 
 
 def _entry(states: ContextStates, j: int) -> ContextStates:

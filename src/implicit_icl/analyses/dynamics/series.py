@@ -29,12 +29,12 @@ from implicit_icl.engine.spec import FamilySpec, layers_path, spec_for
 from implicit_icl.patch import Delta, layer_index
 from implicit_icl.theory import (
     LowRankUpdate,
+    RankOneSeries,
     apply_factorised,
     factorised_updates,
     gradient_descent_errors,
-    gradient_step_norms,
+    rank_one_series,
     rank_one_update,
-    step_norms,
 )
 
 F64 = torch.float64
@@ -88,34 +88,50 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
     dtype = next(model.parameters()).dtype
     for layer in range(model.config.num_hidden_layers):
         names = input_side_names(model, spec, layer)
-        inputs = [deltas[name].to(working) for name in names]
-        outputs = [
-            delta.to(working) for name, delta in deltas.items() if layer_index(name) == layer and name not in names
-        ]
-        squared = sum(_squared_norms(delta) for delta in inputs)
-        norms = squared.sqrt()
+        weights = {name: matrix(model, name, dtype=None) for name in names}
+        series = [_matrix_series(spec, deltas[name].to(working), weights[name], trajectory, name) for name in names]
+        summed = {key: _stacked(series, key) for key in ("updates", "with_last", "increments", "steps", "remainders")}
+        norms = summed["updates"].sqrt()
         # A layer whose MLP input does not see the context (a parallel block's first layer) has a zero patch,
         # up to rounding of size ~eps ||W||: the direction of that rounding is no alignment.
-        weights = {name: matrix(model, name, dtype=None) for name in names}
         noise = (
             ROUNDING_FACTOR * torch.finfo(dtype).eps * sum(w.norm().to(working) ** 2 for w in weights.values()).sqrt()
         )
         product = torch.where(norms > noise, norms, torch.nan) * norms[-1]
-        final_inner = sum(_inner_with_last(delta) for delta in inputs)
         rows["update_norms"].append(norms)
-        rows["alignment"].append(final_inner / product * no_context_nan.to(norms.device))
-        rows["increment_norms"].append(sum(_squared_step_norms(delta) for delta in inputs).sqrt())
+        rows["alignment"].append(summed["with_last"] / product * no_context_nan.to(norms.device))
+        rows["increment_norms"].append(summed["increments"].sqrt())
+        outputs = [
+            delta.to(working) for name, delta in deltas.items() if layer_index(name) == layer and name not in names
+        ]
         rows["output_norms"].append(sum(_squared_norms(delta) for delta in outputs).sqrt())
-        reference = _references(inputs[0])
+        reference = _references(deltas[names[0]].to(working))
         rows["learning_rates"].append(reference.pow(2).sum(-1).reciprocal())
         rows["reference_spread"].append(((reference - reference[:1]).norm(dim=-1) / reference[0].norm()).max())
-        step, remainder = _gradient_split(spec, weights, inputs)
-        rows["gradient_step_norms"].append(step)
-        rows["remainder_norms"].append(remainder)
+        rows["gradient_step_norms"].append(summed["steps"].sqrt())
+        rows["remainder_norms"].append(summed["remainders"].sqrt())
     # A dispatched model spreads its layers over devices: the series gather on the first layer's.
     return LayerSeries(
         **{key: torch.stack([v.to(values[0].device) for v in values]).to(F64) for key, values in rows.items()}
     )
+
+
+def _matrix_series(spec: FamilySpec, delta: LowRankUpdate, weight: Tensor, trajectory: Trajectory, name: str):
+    """`theory.rank_one_series` of one input-side matrix, the trajectory on the last batch dimension (stacked
+    experts first, without the gradient split: their expert matrices see only the picked experts)."""
+    if spec.experts is not None:
+        return rank_one_series(_entries_last(delta))
+    return rank_one_series(delta, weight, trajectory.input_side_outputs.get(name))
+
+
+def _stacked(series: list[RankOneSeries], key: str) -> Tensor:
+    """[P] or [P−1]: a squared series summed over the stacked matrices and blocks (experts); NaN where a
+    matrix has none (experts' gradient split)."""
+    values = [getattr(one, key) for one in series]
+    if any(value is None for value in values):
+        count = series[0].increments.shape[-1]
+        return torch.full((count,), torch.nan, dtype=series[0].increments.dtype, device=series[0].increments.device)
+    return sum(value.reshape(-1, value.shape[-1]).sum(0) for value in values)
 
 
 def _f64(delta: Delta) -> Delta:
@@ -132,26 +148,13 @@ def _per_entry(values: Tensor) -> Tensor:
     return values.reshape(values.shape[0], -1).sum(-1)
 
 
-def _inner(a: LowRankUpdate, b: LowRankUpdate) -> Tensor:
-    """<A, B>_F from the factors; rank-1 pairs as two dot products (a batched matmul of width 1 is slower)."""
-    if a.rank == b.rank == 1:
-        return (a.U * b.U).sum((-2, -1)) * (a.V * b.V).sum((-2, -1))
-    return a.inner(b)
-
-
 def _squared_norms(delta: Delta) -> Tensor:
+    """||ΔW_j||² [P] of an output-side delta; a rank-1 one as two dot products (a width-1 matmul is slower)."""
+    if isinstance(delta, LowRankUpdate) and delta.rank == 1:
+        return _per_entry(delta.U.pow(2).sum((-2, -1)) * delta.V.pow(2).sum((-2, -1)))
     if isinstance(delta, LowRankUpdate):
-        return _per_entry(_inner(delta, delta))
+        return _per_entry(delta.inner(delta))
     return _per_entry(delta.pow(2))
-
-
-def _inner_with_last(delta: LowRankUpdate) -> Tensor:
-    last = LowRankUpdate(delta.U[-1:].expand_as(delta.U), delta.V[-1:].expand_as(delta.V))
-    return _per_entry(_inner(delta, last))
-
-
-def _squared_step_norms(delta: LowRankUpdate) -> Tensor:
-    return _per_entry(step_norms(_entries_last(delta)).pow(2).movedim(-1, 0))  # [E..., P−1] -> [P−1]
 
 
 def _references(delta: LowRankUpdate) -> Tensor:
@@ -159,16 +162,6 @@ def _references(delta: LowRankUpdate) -> Tensor:
     (stacked experts share it: the first block's)."""
     v = delta.V[..., 0].reshape(delta.V.shape[0], -1, delta.V.shape[-2])[:, 0]
     return v / v.pow(2).sum(-1, keepdim=True)
-
-
-def _gradient_split(spec: FamilySpec, weights: dict[str, Tensor], inputs: list[LowRankUpdate]):
-    """||step_j|| and ||remainder_j|| [P−1] of the layer's stacked input side (NaN for experts)."""
-    if spec.experts is not None:
-        nan = torch.full((inputs[0].batch_shape[0] - 1,), torch.nan, dtype=inputs[0].U.dtype, device=inputs[0].U.device)
-        return nan, nan
-    pairs = [gradient_step_norms(weight, delta) for weight, delta in zip(weights.values(), inputs, strict=True)]
-    steps, remainders = (torch.stack(norms).norm(dim=0) for norms in zip(*pairs, strict=True))  # the stack's norms
-    return steps, remainders
 
 
 def matrix(model: PreTrainedModel, name: str, dtype: torch.dtype | None = F64) -> Tensor:
