@@ -6,12 +6,14 @@ its matrices add up. For every prefix entry j of a `Trajectory`:
 
 - update norm ||ΔW_j||_F, and the output side's change (rank-1 down, bias or norm scale) as a norm too;
 - increment ||ΔW_{j+1} − ΔW_j||_F: above the first layer the query's reduced input z_j (the right factor's
-  direction) moves with the prefix, so the difference has rank 2; `theory.step_norms` takes its norm from
-  the factors, free of cancellation;
+  direction) moves with the prefix, so the difference has rank 2, its norm taken from differences of the
+  factors, free of cancellation;
 - alignment with the last entry's update, <ΔW_j, ΔW_last>_F / (||ΔW_j|| ||ΔW_last||);
 - the gradient-descent view: the learning rate h_j = 1/||z_j||², and each increment split into the §6 step
-  −h_{j+1} ∇L_j and the remainder that the moving reference adds (`theory.gradient_step_norms`): where z does not
-  move (the first layer under relative positions) the remainder is zero and §6 holds as it is.
+  −h_{j+1} ∇L_j and the remainder that the moving reference adds, W_0 A_j read from the trajectory's recorded
+  outputs: where z does not move (the first layer under relative positions) the remainder is zero and §6
+  holds as it is.
+Each matrix's series come from one set of dot products of its factors (`theory.rank_one_series`).
 """
 
 from __future__ import annotations
