@@ -123,7 +123,7 @@ def _matrix_series(spec: FamilySpec, delta: LowRankUpdate, weight: Tensor, traje
     experts first, without the gradient split: their expert matrices see only the picked experts)."""
     if spec.experts is not None:
         return rank_one_series(_entries_last(delta))
-    return rank_one_series(delta, weight, trajectory.input_side_outputs.get(name))
+    return rank_one_series(delta, weight, trajectory.input_side_outputs[name])
 
 
 def _stacked(series: list[RankOneSeries], key: str) -> Tensor:
