@@ -6,7 +6,7 @@ return a tensor or (Falcon) a tuple whose first entry is the hidden states; the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -16,6 +16,7 @@ from transformers import Cache, PreTrainedModel
 
 from implicit_icl.engine.forward import ForwardInputs, StopForward, run_model
 from implicit_icl.engine.spec import FamilySpec, layers_of
+from implicit_icl.errors import holds_values
 
 
 def hidden_argument(args: tuple, kwargs: dict) -> Tensor:
@@ -66,6 +67,18 @@ def _fresh(output: object) -> object:
     return output.clone() if isinstance(output, Tensor) else output
 
 
+def row_reader(rows: Tensor) -> Callable[[Tensor], Tensor]:
+    """A function [B, T, ...] -> [N, ...] that copies out rows [N, 2] of (sequence, position index) (a copy:
+    some models add to their tensors in place). Consecutive positions of one sequence, as the one-pass
+    dynamics reads every copy, are a slice: a plain copy instead of a gather."""
+    sequence, position = rows.unbind(-1)
+    if holds_values(rows) and len(rows):
+        batch, first = rows[0].tolist()
+        if sequence.eq(batch).all() and position.equal(torch.arange(first, first + len(rows), device=rows.device)):
+            return lambda tensor: tensor[batch, first : first + len(rows)].clone()
+    return lambda tensor: tensor[sequence.to(tensor.device), position.to(tensor.device)]
+
+
 @dataclass(frozen=True)
 class ContextStates:
     """The context-ful run read at N rows, per layer l (tensors [N, ...] in the model's dtype).
@@ -109,9 +122,7 @@ def record_context(
     states = ContextStates(
         [None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
     )
-
-    def at_positions(tensor: Tensor) -> Tensor:  # [B, T, ...] -> [N, ...], a copy (models add in place)
-        return tensor[sequence.to(tensor.device), position.to(tensor.device)]
+    at_positions = row_reader(rows)
 
     def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the batch flattened to [B * T, ...]
         return tensor[(sequence * length + position).to(tensor.device)]

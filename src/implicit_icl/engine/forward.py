@@ -138,9 +138,6 @@ def custom_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tens
     if spec_for(model).encoder:
         raise ImplicitICLError(f"{config.model_type} is an encoder; custom masks apply to causal decoders only")
     visible = inputs.attention_mask.bool()
-    queries = inputs.position_ids
-    cached = torch.arange(visible.shape[-1] - queries.shape[1], device=queries.device).expand(queries.shape[0], -1)
-    distance = queries[:, :, None] - torch.cat([cached, queries], 1)[:, None, :]  # [B, T_query, S + T]
     window = getattr(config, "sliding_window", None)
     dtype = next(model.parameters()).dtype
 
@@ -148,12 +145,18 @@ def custom_attention_mask(model: PreTrainedModel, inputs: ForwardInputs) -> Tens
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
+    def windowed() -> Tensor:
+        queries = inputs.position_ids
+        cached = torch.arange(visible.shape[-1] - queries.shape[1], device=queries.device)
+        keys = torch.cat([cached.expand(queries.shape[0], -1), queries], 1)
+        return visible & (queries[:, :, None] - keys[:, None, :] < window)  # distances [B, T_query, S + T]
+
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:
-        return additive(visible & (distance < window) if window else visible)
+        return additive(windowed() if window else visible)
     masks = {"full_attention": additive(visible)}
     if window:
-        masks["sliding_attention"] = additive(visible & (distance < window))
+        masks["sliding_attention"] = additive(windowed())
     unknown = set(layer_types) - set(masks)
     if unknown:
         raise ImplicitICLError(f"custom masks do not cover attention types {sorted(unknown)} of this model")

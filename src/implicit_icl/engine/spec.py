@@ -30,6 +30,9 @@ paths are relative to one decoder layer unless said otherwise):
   Speed only: in a one-token reduced pass their input is the context-ful one, so the engine replays their
   recorded outputs instead of recomputing them. Leave it empty and they are recomputed. Their parent is
   the attention module (`FamilySpec.attention`), after which a layer's keys and values are cached.
+- `plain_attention`: the family's eager attention is softmax(softcap(q kᵀ · scaling) + mask) v through HF's
+  attention interface, nothing else (no sinks, no bias, no scaling of its own). Speed only: the one-pass
+  dynamics then splits the copies' attention in two (analyses/dynamics/attention.py).
 
 What the spec deliberately leaves out, because the hooks find it: GPT-2's Conv1D orientation (weights
 [in, out]) is detected from the module type at the boundary where a patch is applied; whether a layer
@@ -83,6 +86,7 @@ class FamilySpec:
     default_output: OutputSide = "down"
     experts: ExpertsSpec | None = None
     attention_inputs: tuple[str, ...] = ()
+    plain_attention: bool = False
 
     @property
     def attention(self) -> str | None:
@@ -113,6 +117,7 @@ _GATED = FamilySpec(
     mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
     mlp_output="mlp.down_proj",
     attention_inputs=_QKV,
+    plain_attention=True,
 )
 
 # Gemma 2/3 normalise the MLP output before the residual sum, so only the norm scale can add δ exactly. The
@@ -137,6 +142,7 @@ SPECS: dict[str, FamilySpec] = {
         mlp_inputs=("mlp.gate_up_proj",),
         mlp_output="mlp.down_proj",
         attention_inputs=("self_attn.qkv_proj",),
+        plain_attention=True,
     ),
     "gpt2": FamilySpec(
         layers="h", mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj", attention_inputs=("attn.c_attn",)
@@ -147,7 +153,9 @@ SPECS: dict[str, FamilySpec] = {
         mlp_output="mlp.dense_4h_to_h",
         attention_inputs=("attention.query_key_value",),
     ),
-    "phi": FamilySpec(layers="layers", mlp_inputs=("mlp.fc1",), mlp_output="mlp.fc2", attention_inputs=_QKV),
+    "phi": FamilySpec(
+        layers="layers", mlp_inputs=("mlp.fc1",), mlp_output="mlp.fc2", attention_inputs=_QKV, plain_attention=True
+    ),
     "falcon": FamilySpec(
         layers="h",
         mlp_inputs=("mlp.dense_h_to_4h",),
@@ -155,7 +163,12 @@ SPECS: dict[str, FamilySpec] = {
         attention_inputs=("self_attention.query_key_value",),
     ),
     "mixtral": FamilySpec(
-        layers="layers", mlp_inputs=(), mlp_output=None, experts=ExpertsSpec(), attention_inputs=_QKV
+        layers="layers",
+        mlp_inputs=(),
+        mlp_output=None,
+        experts=ExpertsSpec(),
+        attention_inputs=_QKV,
+        plain_attention=True,
     ),
     # Gemma's pre-norms scale by (1 + w), but only post-MLP norms are patched, so Gemma 1 is Llama here.
     "gemma": _GATED,

@@ -17,7 +17,9 @@ Eager attention holds heads × T × (L + T) scores, so the copies go in chunks w
 budget, the longest prefixes first: before each chunk the cache is cropped to the chunk's longest prefix
 (which also drops the previous chunk's copies). The context is computed once, a chunk attends only to the
 prefix it needs, and memory stays O(T_chunk (p + T_chunk)) for the attention and O(m d) per layer for the
-states and the factors, never m copies of the context's activations.
+states and the factors, never m copies of the context's activations. Copies of a one-token query see only
+themselves among the copies, so where the family allows it their attention is split in two (attention.py):
+the scores against the cached prefix and each copy's own, half of eager's products.
 
 Families whose attention cannot take a custom mask (ALiBi: HF builds its bias from a padding mask) go prefix
 by prefix instead, with a warning and `Trajectory.method == "loop"`: the same patches, m forward passes.
@@ -38,8 +40,9 @@ from rich.progress import track
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
+from implicit_icl.analyses.dynamics.attention import split_for_copies
 from implicit_icl.engine.apply import Patch
-from implicit_icl.engine.capture import ContextStates, hooked, record_context, replayed
+from implicit_icl.engine.capture import ContextStates, hooked, record_context, replayed, row_reader
 from implicit_icl.engine.construct import assemble_patch, chain_patches, check_settings
 from implicit_icl.engine.forward import (
     ForwardInputs,
@@ -325,7 +328,7 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
         full, rows = ForwardInputs.plain(torch.cat([context[:p], query])[None]), torch.tensor([[0, p + q - 1]])
     positions = torch.tensor(prefixes)[:, None] + torch.arange(q)
     reduced = ForwardInputs.plain(query.expand(len(prefixes), q), positions).to(device)
-    with _reading(model, spec, rows) as reading:
+    with _reading(model, spec, rows) as reading, split_for_copies(model, spec, q == 1 and cache is not None):
         states = record_context(model, spec, full.to(device), rows, replay=q == 1, cache=cache)
     context_logits = _replayed_logits(model, spec, states, reduced, reading.tuple_output)
     if spec.experts is not None and q > 1 and len(prefixes) > 1:
@@ -379,12 +382,11 @@ def _reading(model: PreTrainedModel, spec: FamilySpec, rows: Tensor) -> Iterator
     reading = _Reading()
     layers = layers_of(model, spec)
     reading.mlp_inputs = [None] * len(layers)
-    sequence, position = rows.unbind(-1)
+    at_positions = row_reader(rows)
 
     def record_input(layer: int):
         def hook(module, args):
-            z = args[0]
-            reading.mlp_inputs[layer] = z[sequence.to(z.device), position.to(z.device)]
+            reading.mlp_inputs[layer] = at_positions(args[0])
 
         return hook
 
@@ -469,7 +471,8 @@ def prefix_logits(
         longest = copies[chosen[-1]][0]
         cropped(cache, longest)
         inputs, rows = copies_layout([copies[i] for i in chosen], longest)
-        output = run_model(model, inputs.to(device), cache, logits_to_keep=rows[:, 1].to(device))
+        with split_for_copies(model, spec_for(model), one_token=all(copies[i][1].numel() == 1 for i in chosen)):
+            output = run_model(model, inputs.to(device), cache, logits_to_keep=rows[:, 1].to(device))
         for i, row in zip(chosen, output[0], strict=True):
             logits[i] = row
     return torch.stack(logits)
