@@ -71,6 +71,7 @@ def split_for_copies(model: PreTrainedModel, spec: FamilySpec, one_token: bool) 
     if not (spec.plain_attention and one_token and original == "eager"):
         yield
         return
+    # What HF's attention modules read at every call (set_attn_implementation would re-validate the model).
     config._attn_implementation = NAME
     try:
         yield
