@@ -59,7 +59,8 @@ from implicit_icl.patch import Source, concatenate, concatenate_deltas
 
 MEMORY_BUDGET = 1 << 30  # bytes for one chunk's attention (scores, mask) in the context-ful pass
 # Query × key entries of one chunk's attention, whatever the memory: past it, the copies' attention over the
-# chunk's longest prefix costs more than one more pass (at n = 1,024 three chunks beat one; benchmarks.md).
+# chunk's longest prefix costs more than one more pass (at n = 1,024, copies of two tokens: five chunks are 2.1×
+# faster than one; one-token copies, whose attention is split, come out even; benchmarks.md).
 CHUNK_ENTRIES = 1 << 19
 METHODS = ("auto", "one pass", "loop")
 
