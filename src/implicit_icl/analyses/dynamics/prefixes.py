@@ -466,13 +466,14 @@ def prefix_logits(
     sizes = [(copies[i][0], copies[i][1].numel()) for i in order]
     groups = fitting_groups(sizes, attention_bytes_per_entry(model), memory_budget)
     cache = context_cache(model, context[: sizes[-1][0]])
+    spec = spec_for(model)
     logits: list[Tensor | None] = [None] * len(copies)
     for group in reversed(groups):  # the longest prefixes first, cropping the cache as they go
         chosen = [order[k] for k in group]
         longest = copies[chosen[-1]][0]
         cropped(cache, longest)
         inputs, rows = copies_layout([copies[i] for i in chosen], longest)
-        with split_for_copies(model, spec_for(model), one_token=all(copies[i][1].numel() == 1 for i in chosen)):
+        with split_for_copies(model, spec, one_token=all(copies[i][1].numel() == 1 for i in chosen)):
             output = run_model(model, inputs.to(device), cache, logits_to_keep=rows[:, 1].to(device))
         for i, row in zip(chosen, output[0], strict=True):
             logits[i] = row

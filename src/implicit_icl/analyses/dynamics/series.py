@@ -108,7 +108,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
         ]
         rows["output_norms"].append(sum(_squared_norms(delta) for delta in outputs).sqrt())
         reference = _references(deltas[names[0]].to(working))
-        rows["learning_rates"].append(reference.pow(2).sum(-1).reciprocal())
+        rows["learning_rates"].append(series[0].learning_rates.reshape(-1, norms.numel())[0])  # h_j = ||v_j||²
         rows["reference_spread"].append(((reference - reference[:1]).norm(dim=-1) / reference[0].norm()).max())
         rows["gradient_step_norms"].append(summed["steps"].sqrt())
         rows["remainder_norms"].append(summed["remainders"].sqrt())
