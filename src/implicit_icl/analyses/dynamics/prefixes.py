@@ -53,6 +53,7 @@ from implicit_icl.engine.forward import (
 )
 from implicit_icl.engine.growing import prefilled_cache
 from implicit_icl.engine.inputs import TokenIds, checked_pair
+from implicit_icl.engine.memory import keep_freed_memory
 from implicit_icl.engine.spec import FamilySpec, layers_of, layers_path, spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.patch import Source, concatenate, concatenate_deltas
@@ -163,6 +164,7 @@ def prefix_patches(
         groups = [[p] for p in prefixes]
     else:  # the longest prefixes first: each chunk crops the cache to its own
         groups = chunked(prefixes, query.numel(), model, memory_budget, chunk_size)[::-1]
+        keep_freed_memory()  # its temporaries outgrow what glibc keeps freed by default
         cache = context_cache(model, context[: prefixes[-1]])
     tracked = groups
     if progress and len(groups) > 1:
@@ -465,6 +467,7 @@ def prefix_logits(
     order = sorted(range(len(copies)), key=lambda i: copies[i][0])
     sizes = [(copies[i][0], copies[i][1].numel()) for i in order]
     groups = fitting_groups(sizes, attention_bytes_per_entry(model), memory_budget)
+    keep_freed_memory()
     cache = context_cache(model, context[: sizes[-1][0]])
     spec = spec_for(model)
     logits: list[Tensor | None] = [None] * len(copies)
