@@ -160,7 +160,7 @@ def gradient_steps(weight: Tensor, updates: LowRankUpdate) -> GradientSteps:
     """
     u, v = _rank_one_factors(updates, "the gradient-descent split")
     reference, learning_rates = _references(v)
-    moved = _moved(weight, u, reference, None)
+    moved = _moved(weight, reference)
     step = LowRankUpdate.rank_one(u[..., 1:, :] - u[..., :-1, :] - moved, v[..., 1:, :])
     remainder = LowRankUpdate(
         torch.stack([moved, u[..., :-1, :]], -1), torch.stack([v[..., 1:, :], v[..., 1:, :] - v[..., :-1, :]], -1)
@@ -195,27 +195,27 @@ def rank_one_series(
 ) -> RankOneSeries:
     """Every series of a rank-1 trajectory from one set of dot products of its factors, never dense.
 
-    updates: U [..., P, out, 1], V [..., P, in, 1]; weight W_0 [out, in] for the gradient split (None: no
-    split); outputs: [..., P, out] W_0 A_j (+ any bias, which cancels) where the caller recorded them: the split
-    then needs no product with W_0. Differences are taken on the factors before any dot product, so the
-    increments carry no ||A||² + ||B||² − 2<A, B> cancellation."""
+    updates: U [..., P, out, 1], V [..., P, in, 1]; for the gradient split (neither given: no split) either
+    weight W_0 [out, in] or outputs [..., P, out] = W_0 A_j (+ any bias, which cancels) where the caller recorded
+    them: the step_j = W_0 (A_{j+1} − A_j) is then their difference, with no product with W_0. Differences are
+    taken on the factors before any dot product, so the increments carry no ||A||² + ||B||² − 2<A, B>
+    cancellation."""
     u, v = _rank_one_factors(updates, "the series of a trajectory")
-    squared_u, squared_v = _dot(u, u), _dot(v, v)
+    squared_u, squared_v = _squared_norm(u), _squared_norm(v)
     earlier, later = u[..., :-1, :], v[..., 1:, :]
     du, dv = u[..., 1:, :] - earlier, later - v[..., :-1, :]
     # ΔW_{j+1} − ΔW_j = du v_{j+1}^T + u_j dv^T and the remainder moved v_{j+1}^T + u_j dv^T share their second term
-    second, cross = squared_u[..., :-1] * _dot(dv, dv), _dot(later, dv)
+    second, cross = squared_u[..., :-1] * _squared_norm(dv), _dot(later, dv)
     rates_after = squared_v[..., 1:]
     steps = remainders = None
-    if weight is not None:
-        moved = _moved(weight, u, _references(v)[0], outputs)
-        step = du - moved
-        steps = _dot(step, step) * rates_after
-        remainders = (_dot(moved, moved) * rates_after + second + 2 * _dot(moved, earlier) * cross).clamp_min(0)
+    if weight is not None or outputs is not None:
+        moved, step = _moved_and_step(weight, u, du, v, outputs)
+        steps = _squared_norm(step) * rates_after
+        remainders = (_squared_norm(moved) * rates_after + second + 2 * _dot(moved, earlier) * cross).clamp_min(0)
     return RankOneSeries(
         updates=squared_u * squared_v,
         with_last=_dot(u, u[..., -1:, :]) * _dot(v, v[..., -1:, :]),
-        increments=(_dot(du, du) * rates_after + second + 2 * _dot(du, earlier) * cross).clamp_min(0),
+        increments=(_squared_norm(du) * rates_after + second + 2 * _dot(du, earlier) * cross).clamp_min(0),
         steps=steps,
         remainders=remainders,
         learning_rates=squared_v,
@@ -240,12 +240,27 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return (x * y).sum(-1)
 
 
-def _moved(weight: Tensor, u: Tensor, reference: Tensor, outputs: Tensor | None) -> Tensor:
-    """W_0 (a_j − a_{j+1}) [..., P−1, out]: from the recorded outputs W_0 A_j = W_0 a_j + u_j where given, else
-    the product (in W's own dtype: a float32 model's matrix need not be copied to float64)."""
-    check_last_dim("the right factors", reference, weight.shape[1])
+def _squared_norm(x: Tensor) -> Tensor:
+    """||x||² over the last dimension, read once without a temporary the size of x."""
+    return torch.linalg.vector_norm(x, dim=-1).square()
+
+
+def _moved_and_step(
+    weight: Tensor | None, u: Tensor, du: Tensor, v: Tensor, outputs: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """moved_j = W_0 (a_j − a_{j+1}) and step_j = du_j − moved_j = W_0 (A_{j+1} − A_j), [..., P−1, out]: the
+    step from the recorded outputs W_0 A_j where given, else moved from the product with W_0."""
     if outputs is not None:
         check_last_dim("the outputs W_0 A_j", outputs, u.shape[-1])
-        alone = outputs.to(u.dtype) - u  # W_0 a_j (+ bias)
-        return alone[..., :-1, :] - alone[..., 1:, :]
-    return ((reference[..., :-1, :] - reference[..., 1:, :]).to(weight.dtype) @ weight.T).to(u.dtype)
+        outputs = outputs.to(u.dtype)
+        step = outputs[..., 1:, :] - outputs[..., :-1, :]
+        return du - step, step
+    moved = _moved(weight, _references(v)[0])
+    return moved, du - moved
+
+
+def _moved(weight: Tensor, reference: Tensor) -> Tensor:
+    """W_0 (a_j − a_{j+1}) [..., P−1, out] from the references a_j [..., P, in] (in W's own dtype: a float32
+    model's matrix need not be copied to float64; the result in the references' dtype)."""
+    check_last_dim("the right factors", reference, weight.shape[1])
+    return ((reference[..., :-1, :] - reference[..., 1:, :]).to(weight.dtype) @ weight.T).to(reference.dtype)

@@ -13,7 +13,8 @@ its matrices add up. For every prefix entry j of a `Trajectory`:
   −h_{j+1} ∇L_j and the remainder that the moving reference adds, W_0 A_j read from the trajectory's recorded
   outputs: where z does not move (the first layer under relative positions) the remainder is zero and §6
   holds as it is.
-Each matrix's series come from one set of dot products of its factors (`theory.rank_one_series`).
+A layer's input-side matrices share their right factor (they read the same z), so stacked along their outputs
+they give its series from one set of dot products of the factors (`theory.rank_one_series`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from implicit_icl.theory import (
 )
 
 F64 = torch.float64
+SERIES_KEYS = ("updates", "with_last", "increments", "steps", "remainders", "learning_rates")
 ROUNDING_FACTOR = 100  # an update under 100 eps ||W||_F (eps of the model's dtype) is rounding, not a direction
 
 
@@ -91,8 +93,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
     for layer in range(model.config.num_hidden_layers):
         names = input_side_names(model, spec, layer)
         weights = {name: matrix(model, name, dtype=None) for name in names}
-        series = [_matrix_series(spec, deltas[name].to(working), weights[name], trajectory, name) for name in names]
-        summed = {key: _stacked(series, key) for key in ("updates", "with_last", "increments", "steps", "remainders")}
+        summed = _input_side_series(spec, names, deltas, trajectory.input_side_outputs, working)
         norms = summed["updates"].sqrt()
         # A layer whose MLP input does not see the context (a parallel block's first layer) has a zero patch,
         # up to rounding of size ~eps ||W||: the direction of that rounding is no alignment.
@@ -108,7 +109,7 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
         ]
         rows["output_norms"].append(sum(_squared_norms(delta) for delta in outputs).sqrt())
         reference = _references(deltas[names[0]].to(working))
-        rows["learning_rates"].append(series[0].learning_rates.reshape(-1, norms.numel())[0])  # h_j = ||v_j||²
+        rows["learning_rates"].append(summed["learning_rates"])
         rows["reference_spread"].append(((reference - reference[:1]).norm(dim=-1) / reference[0].norm()).max())
         rows["gradient_step_norms"].append(summed["steps"].sqrt())
         rows["remainder_norms"].append(summed["remainders"].sqrt())
@@ -118,12 +119,22 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
     )
 
 
-def _matrix_series(spec: FamilySpec, delta: LowRankUpdate, weight: Tensor, trajectory: Trajectory, name: str):
-    """`theory.rank_one_series` of one input-side matrix, the trajectory on the last batch dimension (stacked
-    experts first, without the gradient split: their expert matrices see only the picked experts)."""
-    if spec.experts is not None:
-        return rank_one_series(_entries_last(delta))
-    return rank_one_series(delta, weight, trajectory.input_side_outputs[name])
+def _input_side_series(
+    spec: FamilySpec, names: list[str], deltas: dict[str, Delta], outputs: dict[str, Tensor], working: torch.dtype
+) -> dict[str, Tensor]:
+    """One layer's input-side series, summed over its matrices: [P] or [P−1] per key of `RankOneSeries`
+    (learning_rates: h_j = ||v_j||², the first matrix's)."""
+    if spec.experts is None:
+        # The matrices read the same z, so they share v_j = z_j / ||z_j||²: stacked along their outputs they are
+        # one rank-1 trajectory, whose series are the sums, from one call.
+        stacked = LowRankUpdate(torch.cat([deltas[name].U for name in names], -2), deltas[names[0]].V).to(working)
+        series = rank_one_series(stacked, outputs=torch.cat([outputs[name] for name in names], -1))
+        return {key: getattr(series, key) for key in SERIES_KEYS}
+    # Stacked experts first, the trajectory last, without the gradient split: expert matrices see only the
+    # picked experts.
+    series = [rank_one_series(_entries_last(deltas[name].to(working))) for name in names]
+    summed = {key: _stacked(series, key) for key in SERIES_KEYS if key != "learning_rates"}
+    return summed | {"learning_rates": series[0].learning_rates.reshape(-1, summed["updates"].numel())[0]}
 
 
 def _stacked(series: list[RankOneSeries], key: str) -> Tensor:
