@@ -33,7 +33,7 @@ def safe_squared_norm(name: str, vector: torch.Tensor) -> torch.Tensor:
 
     vector: [..., n] -> [...]
     """
-    squared = vector.pow(2).sum(-1)
+    squared = torch.linalg.vector_norm(vector, dim=-1).square()  # no temporary the size of the vector
     if holds_values(squared) and (squared == 0).any():
         raise ImplicitICLError(
             f"{name} is a zero vector, so the rank-1 update that divides by its norm does not exist; "

@@ -24,12 +24,13 @@ from implicit_icl.theory.low_rank import LowRankUpdate
 def output_rank_one(shift: Tensor, inner_context: Tensor) -> LowRankUpdate:
     """ΔW_down = δ a_C^T / ||a_C||^2, so that (W_down + ΔW_down) a_C = W_down a_C + δ.
 
-    shift δ: [..., out]; inner_context a_C (the activation W_down reads): [..., in].
+    shift δ: [..., out]; inner_context a_C (the activation W_down reads): [..., in], the right factor as it is
+    (the scale goes to the narrower left factor u = δ / ||a_C||^2; a_C is not copied).
     """
     check_finite("output shift", shift)
     check_finite("inner activation with context", inner_context)
     squared = safe_squared_norm("the inner activation a_C read by the output matrix", inner_context)
-    return LowRankUpdate.rank_one(shift, inner_context / squared.unsqueeze(-1))
+    return LowRankUpdate.rank_one(shift / squared.unsqueeze(-1), inner_context)
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
