@@ -16,17 +16,17 @@ import torch
 
 # Just under glibc's ceiling for the dynamic threshold (32 MiB, the chunk's header and alignment included).
 BLOCK_BYTES = 31 << 20
-_raised = False
+_tried = False
 
 
 def keep_freed_memory() -> None:
     """Raise glibc's mmap and trim thresholds for this process, once, by freeing one mapped block (the dynamic
     adjustment glibc itself makes; no setting is changed): the process then keeps up to 62 MiB of freed heap for
     its next temporaries. Nothing is touched, so nothing is faulted in; elsewhere than glibc, nothing happens."""
-    global _raised
-    if not _raised and _glibc():
+    global _tried
+    if not _tried and _glibc():
         torch.empty(BLOCK_BYTES, dtype=torch.uint8)  # freed at once: unmapped, so the thresholds rise
-    _raised = True
+    _tried = True
 
 
 def _glibc() -> bool:
