@@ -92,14 +92,12 @@ def layer_series(model: PreTrainedModel, trajectory: Trajectory) -> LayerSeries:
     dtype = next(model.parameters()).dtype
     for layer in range(model.config.num_hidden_layers):
         names = input_side_names(model, spec, layer)
-        weights = {name: matrix(model, name, dtype=None) for name in names}
         summed = _input_side_series(spec, names, deltas, trajectory.input_side_outputs, working)
         norms = summed["updates"].sqrt()
         # A layer whose MLP input does not see the context (a parallel block's first layer) has a zero patch,
         # up to rounding of size ~eps ||W||: the direction of that rounding is no alignment.
-        noise = (
-            ROUNDING_FACTOR * torch.finfo(dtype).eps * sum(w.norm().to(working) ** 2 for w in weights.values()).sqrt()
-        )
+        weight_norm = sum(matrix(model, name, dtype=None).norm().to(working) ** 2 for name in names).sqrt()
+        noise = ROUNDING_FACTOR * torch.finfo(dtype).eps * weight_norm
         product = torch.where(norms > noise, norms, torch.nan) * norms[-1]
         rows["update_norms"].append(norms)
         rows["alignment"].append(summed["with_last"] / product * no_context_nan.to(norms.device))
