@@ -6,7 +6,9 @@ last token only (`logits_to_keep=1`). The one pass computes every prefix's exact
 context-ful logits of every prefix and the per-layer series (norms, increments, alignment, the gradient-descent
 split); "verified" also runs every query alone under its patch. By a FLOP count the lean loop costs ~n²/2
 tokens and the one pass ~2n tokens (context and copies) plus the reduced pass's MLP input matrices and the
-head on n + 1 rows, so at n = 256 the lean ratio cannot exceed ~45 with a small vocabulary, less with a large one.
+head on n + 1 rows, so at n = 256 and equal speed per multiply-add the lean ratio would be ~45 with a small
+vocabulary, less with a large one (the one pass's larger matrix products run faster per multiply-add, so it can
+measure above that).
 """
 
 from __future__ import annotations
