@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from implicit_icl.engine.forward import ForwardInputs, run_model
-from implicit_icl.engine.growing import GrowingContext, one_token
+from implicit_icl.engine.growing import GrowingContext, one_token, prefilled_cache
+from implicit_icl.engine.spec import layers_of, spec_for
 from implicit_icl.hf import SPECS, compute_patch, patched_generate
 from implicit_icl.models.zoo import ENCODER_FAMILIES, VOCAB_SIZE, ZOO_CASES, tiny_model
 
@@ -16,6 +17,29 @@ POST_NORM_GEMMAS = {"gemma2", "gemma3_text"}  # HF's Gemma RMSNorm computes in f
 
 def _ids(seed: int, n: int) -> torch.Tensor:
     return torch.randint(0, VOCAB_SIZE, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", sorted({family for family, _ in DECODER_CASES}))
+def test_the_prefilled_cache_is_hfs_and_the_last_attention_is_not_run(family):
+    """The run that fills the cache stops once the last layer has stored its keys and values: the cache is
+    the one HF's own cached forward leaves, bit for bit, and the last layer's attention never returns."""
+    model = tiny_model(family, seed=5)
+    ids = _ids(5, 20)
+    cache = prefilled_cache(model, ids)
+    reference = model(input_ids=ids[None], use_cache=True).past_key_values
+    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    spec = spec_for(model)
+    last = layers_of(model, spec)[-1]
+    returned = []
+    handle = (last if spec.attention is None else last.get_submodule(spec.attention)).register_forward_hook(
+        lambda *args: returned.append(True)
+    )
+    try:
+        prefilled_cache(model, ids)
+    finally:
+        handle.remove()
+    assert not returned
 
 
 @pytest.mark.parametrize(("family", "variant"), DECODER_CASES)

@@ -12,6 +12,8 @@ exact.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,15 +40,34 @@ def prefilled_cache(model: PreTrainedModel, ids: Tensor, cache: DynamicCache | N
     layers keep only their window)."""
     cache = DynamicCache(config=model.config) if cache is None else cache
     spec = spec_for(model)
-    last = layers_of(model, spec)[-1]
-    last = last if spec.attention is None else last.get_submodule(spec.attention)
+    layers = layers_of(model, spec)
+    last = layers[-1] if spec.attention is None else layers[-1].get_submodule(spec.attention)
 
     def stop(module, args, output):
         raise StopForward
 
-    with hooked([last.register_forward_hook(stop)]):
+    with hooked([last.register_forward_hook(stop)]), _stopped_once_stored(cache, len(layers) - 1):
         run_model(model, ForwardInputs.plain(ids[None]), cache)
     return cache
+
+
+@contextmanager
+def _stopped_once_stored(cache: DynamicCache, last_layer: int) -> Iterator[None]:
+    """The run stops as soon as the last layer has stored its keys and values: its attention itself is not
+    needed (layers that share another's cache never store, and the hook after the attention stops those)."""
+    update = cache.update
+
+    def store_then_stop(key_states, value_states, layer_idx, *args, **kwargs):
+        keys_values = update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == last_layer:
+            raise StopForward
+        return keys_values
+
+    cache.update = store_then_stop
+    try:
+        yield
+    finally:
+        del cache.update
 
 
 @dataclass(frozen=True)
