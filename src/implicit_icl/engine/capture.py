@@ -96,7 +96,7 @@ class ContextStates:
     residual_sums: list[Tensor]
     outputs: list[dict[str, Tensor]]
     experts: list[dict[str, Tensor]]
-    logits: Tensor | None = None  # [B, T, V], when the run went on through the head
+    logits: Tensor | None = None  # [B, T or K, V], when the run went on through the head
 
 
 @torch.no_grad()
@@ -107,14 +107,15 @@ def record_context(
     rows: Tensor,
     replay: bool = False,
     cache: Cache | None = None,
-    head: bool = False,
+    head: bool | Tensor = False,
 ) -> ContextStates:
     """One context-ful forward pass of `inputs` (any batch: plain, padded or with a custom mask), read at
     rows [N, 2] of (sequence, position index); it stops after the last layer.
 
     replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`).
     cache: the keys and values of the tokens before `inputs` (see `run_model`); the run extends it.
-    head: run on through the head and keep the logits."""
+    head: run on through the head and keep the logits: True at every position, or at the position indices
+    [K] given (HF's `logits_to_keep`)."""
     layers = layers_of(model, spec)
     n_layers = len(layers)
     sequence, position = rows.to(inputs.input_ids.device).unbind(-1)
@@ -123,6 +124,7 @@ def record_context(
         [None] * n_layers, [None] * n_layers, [{} for _ in range(n_layers)], [{} for _ in range(n_layers)]
     )
     at_positions = row_reader(rows)
+    stops = not isinstance(head, Tensor) and not head  # after the last layer
 
     def at_rows(tensor: Tensor) -> Tensor:  # MoE modules see the batch flattened to [B * T, ...]
         return tensor[(sequence * length + position).to(tensor.device)]
@@ -137,7 +139,7 @@ def record_context(
         def hook(module, args, output):
             if spec.residual_sum is None:
                 states.residual_sums[layer] = at_positions(first_output(output))
-            if layer == n_layers - 1 and not head:
+            if layer == n_layers - 1 and stops:
                 raise StopForward
 
         return hook
@@ -185,5 +187,5 @@ def record_context(
         for path in recorded:
             handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
     with hooked(handles):
-        logits = run_model(model, inputs, cache)
+        logits = run_model(model, inputs, cache, logits_to_keep=head if isinstance(head, Tensor) else 0)
     return replace(states, logits=logits)

@@ -42,7 +42,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from implicit_icl.analyses.dynamics.attention import split_for_copies
 from implicit_icl.engine.apply import Patch
-from implicit_icl.engine.capture import ContextStates, hooked, record_context, replayed, row_reader
+from implicit_icl.engine.capture import ContextStates, hooked, record_context, row_reader
 from implicit_icl.engine.construct import assemble_patch, chain_patches, check_settings
 from implicit_icl.engine.forward import (
     ForwardInputs,
@@ -331,9 +331,11 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
         full, rows = ForwardInputs.plain(torch.cat([context[:p], query])[None]), torch.tensor([[0, p + q - 1]])
     positions = torch.tensor(prefixes)[:, None] + torch.arange(q)
     reduced = ForwardInputs.plain(query.expand(len(prefixes), q), positions).to(device)
-    with _reading(model, spec, rows) as reading, split_for_copies(model, spec, q == 1 and cache is not None):
-        states = record_context(model, spec, full.to(device), rows, replay=q == 1, cache=cache)
-    context_logits = _replayed_logits(model, spec, states, reduced, reading.tuple_output)
+    with _reading(model, spec, rows) as mlp_inputs, split_for_copies(model, spec, q == 1 and cache is not None):
+        # On through the head at the rows only: the context-ful logits come from the same pass.
+        rows = rows.to(device)
+        states = record_context(model, spec, full.to(device), rows, replay=q == 1, cache=cache, head=rows[:, 1])
+    context_logits = states.logits[0]
     if spec.experts is not None and q > 1 and len(prefixes) > 1:
         # A router is not linear in its input, so several reduced sequences cannot share one layer re-run.
         entries = [
@@ -346,7 +348,7 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
     context_tokens, query_tokens = tuple(context.tolist()), tuple(query.tolist())
     sources = [Source(context_tokens[:p], query_tokens, tuple(range(p, p + q))) for p in prefixes]
     patch = assemble_patch(model, deltas, output, dtype, sources, None)
-    mlp_inputs = reading.mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
+    mlp_inputs = mlp_inputs if spec.experts is None else [layer["input"] for layer in states.experts]
     prefix = layers_path(model, spec)
     input_side_outputs = {
         f"{prefix}.{index}.{path}.weight": layer[path]
@@ -371,38 +373,27 @@ def _row(inputs: ForwardInputs, j: int) -> ForwardInputs:
     return ForwardInputs.plain(inputs.input_ids[j : j + 1], inputs.position_ids[j : j + 1])
 
 
-class _Reading:
-    """What the context-ful pass gives besides `record_context`'s states: each layer's MLP input at the rows,
-    and whether the layers return tuples (Falcon) or tensors (for replaying them)."""
-
-    def __init__(self) -> None:
-        self.mlp_inputs: list[Tensor] = []
-        self.tuple_output = False
-
-
 @contextmanager
-def _reading(model: PreTrainedModel, spec: FamilySpec, rows: Tensor) -> Iterator[_Reading]:
-    reading = _Reading()
+def _reading(model: PreTrainedModel, spec: FamilySpec, rows: Tensor) -> Iterator[list[Tensor]]:
+    """What the context-ful pass gives besides `record_context`'s states: each layer's MLP input at the rows
+    (filled in as the pass runs; none for a mixture of experts, whose router input the states hold)."""
     layers = layers_of(model, spec)
-    reading.mlp_inputs = [None] * len(layers)
+    mlp_inputs = [None] * len(layers)
     at_positions = row_reader(rows)
 
     def record_input(layer: int):
         def hook(module, args):
-            reading.mlp_inputs[layer] = at_positions(args[0])
+            mlp_inputs[layer] = at_positions(args[0])
 
         return hook
 
-    def record_type(module, args, output):
-        reading.tuple_output = isinstance(output, tuple)
-
-    handles = [layers[0].register_forward_hook(record_type)]
+    handles = []
     if spec.experts is None:
         for index, layer in enumerate(layers):
             matrix = layer.get_submodule(spec.mlp_inputs[0])
             handles.append(matrix.register_forward_pre_hook(record_input(index)))
     with hooked(handles):
-        yield reading
+        yield mlp_inputs
 
 
 @torch.no_grad()
@@ -422,19 +413,6 @@ def last_position_logits(model: PreTrainedModel, inputs: ForwardInputs) -> Tenso
         logits_to_keep=1,
     )
     return output.logits[:, -1]
-
-
-def _replayed_logits(model, spec, states: ContextStates, reduced: ForwardInputs, tuple_output: bool) -> Tensor:
-    """The context-ful logits at the rows: every layer replays its recorded output at the rows (nothing is
-    recomputed), so the model's own final norm and head run on m tokens instead of the whole pass."""
-    layers = layers_of(model, spec)
-    outputs = {}
-    for index, layer in enumerate(layers):
-        hidden = states.residual_sums[index][:, None]
-        outputs[layer] = (hidden,) if tuple_output else hidden
-    last = ForwardInputs.plain(reduced.input_ids[:, -1:], reduced.position_ids[:, -1:])
-    with replayed(outputs):
-        return last_logits(model, last)
 
 
 def patched_last_logits(model: PreTrainedModel, patch: Patch, reduced: ForwardInputs) -> Tensor:
