@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel
 
 from implicit_icl.engine.apply import Patch
-from implicit_icl.engine.capture import hooked, record_context
+from implicit_icl.engine.capture import record_context
 from implicit_icl.engine.construct import assemble_patch, check_settings, patched_token_logits
 from implicit_icl.engine.forward import ForwardInputs, StopForward, model_device, run_model
 from implicit_icl.engine.spec import layers_of, spec_for
@@ -39,14 +39,7 @@ def prefilled_cache(model: PreTrainedModel, ids: Tensor, cache: DynamicCache | N
     cached them. cache: the one to fill (default: laid out by the model's config, so that sliding-window
     layers keep only their window)."""
     cache = DynamicCache(config=model.config) if cache is None else cache
-    spec = spec_for(model)
-    layers = layers_of(model, spec)
-    last = layers[-1] if spec.attention is None else layers[-1].get_submodule(spec.attention)
-
-    def stop(module, args, output):
-        raise StopForward
-
-    with hooked([last.register_forward_hook(stop)]), _stopped_once_stored(cache, len(layers) - 1):
+    with _stopped_once_stored(cache, len(layers_of(model, spec_for(model))) - 1):
         run_model(model, ForwardInputs.plain(ids[None]), cache)
     return cache
 
@@ -54,7 +47,7 @@ def prefilled_cache(model: PreTrainedModel, ids: Tensor, cache: DynamicCache | N
 @contextmanager
 def _stopped_once_stored(cache: DynamicCache, last_layer: int) -> Iterator[None]:
     """The run stops as soon as the last layer has stored its keys and values: its attention itself is not
-    needed (layers that share another's cache never store, and the hook after the attention stops those)."""
+    needed (every supported decoder's last layer stores its own; tests/test_generate_cache.py checks it)."""
     update = cache.update
 
     def store_then_stop(key_states, value_states, layer_idx, *args, **kwargs):

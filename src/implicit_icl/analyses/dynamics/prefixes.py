@@ -333,8 +333,8 @@ def _group(model, spec: FamilySpec, context, query, prefixes: list[int], output,
     reduced = ForwardInputs.plain(query.expand(len(prefixes), q), positions).to(device)
     with _reading(model, spec, rows) as mlp_inputs, split_for_copies(model, spec, q == 1 and cache is not None):
         # On through the head at the rows only: the context-ful logits come from the same pass.
-        rows = rows.to(device)
-        states = record_context(model, spec, full.to(device), rows, replay=q == 1, cache=cache, head=rows[:, 1])
+        head = rows[:, 1].to(device)
+        states = record_context(model, spec, full.to(device), rows, replay=q == 1, cache=cache, head=head)
     context_logits = states.logits[0]
     if spec.experts is not None and q > 1 and len(prefixes) > 1:
         # A router is not linear in its input, so several reduced sequences cannot share one layer re-run.
