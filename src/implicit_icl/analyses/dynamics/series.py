@@ -13,8 +13,8 @@ its matrices add up. For every prefix entry j of a `Trajectory`:
   −h_{j+1} ∇L_j and the remainder that the moving reference adds, W_0 A_j read from the trajectory's recorded
   outputs: where z does not move (the first layer under relative positions) the remainder is zero and §6
   holds as it is.
-A layer's input-side matrices share their right factor (they read the same z), so stacked along their outputs
-they give its series from one set of dot products of the factors (`theory.rank_one_series`).
+Each input-side matrix's series comes from dot products of its own factors (`theory.rank_one_series`), and
+the layer's are their sums.
 """
 
 from __future__ import annotations
@@ -123,14 +123,9 @@ def _input_side_series(
     """One layer's input-side series, summed over its matrices: [P] or [P−1] per key of `RankOneSeries`
     (learning_rates: h_j = ||v_j||², the first matrix's)."""
     if spec.experts is None:
-        # The matrices read the same z, so they share v_j = z_j / ||z_j||²: stacked along their outputs they are
-        # one rank-1 trajectory, whose series are the sums, from one call.
-        stacked = LowRankUpdate(torch.cat([deltas[name].U for name in names], -2), deltas[names[0]].V).to(working)
-        series = rank_one_series(stacked, outputs=torch.cat([outputs[name] for name in names], -1))
-        return {key: getattr(series, key) for key in SERIES_KEYS}
-    # Stacked experts first, the trajectory last, without the gradient split: expert matrices see only the
-    # picked experts.
-    series = [rank_one_series(_entries_last(deltas[name].to(working))) for name in names]
+        series = [rank_one_series(deltas[name].to(working), outputs=outputs[name]) for name in names]
+    else:  # stacked experts first, the trajectory last, without the gradient split: experts see only their rows
+        series = [rank_one_series(_entries_last(deltas[name].to(working))) for name in names]
     summed = {key: _stacked(series, key) for key in SERIES_KEYS if key != "learning_rates"}
     return summed | {"learning_rates": series[0].learning_rates.reshape(-1, summed["updates"].numel())[0]}
 
