@@ -13,6 +13,7 @@ from implicit_icl.errors import ImplicitICLError
 from implicit_icl.hf import compute_patch, verify_patch
 from implicit_icl.models import load
 from implicit_icl.models.zoo import VOCAB_SIZE, tiny_model
+from implicit_icl.studies.editing.study import FACTS, edit_fact, encode_fact
 from implicit_icl.theory.output_side import rms_normalize, stable_norm_scale_patch
 
 GEMMA_POST_NORM = ["gemma2", "gemma3_text"]
@@ -160,3 +161,12 @@ def test_gemma3_270m_compiled_patch_reproduces_its_calibration_queries(gemma3_mo
     with_context = context_logits(model, context, [query, other])
     assert (patched[0] - with_context[0]).abs().max() < 1e-3
     assert (patched[1] - with_context[1]).abs().max() > 1.0
+
+
+def test_gemma3_270m_edits_a_stated_fact_without_a_bias_row(gemma3_model):
+    """The editing measurement on Gemma 3: behind its post-MLP norm a bias steers nothing, so that row is left
+    out; the exact patch still reproduces in-context learning's preferences."""
+    encoded = [encode_fact(gemma3_model.tokenizer, fact) for fact in FACTS[:2]]
+    result = edit_fact(gemma3_model, encoded, 0)
+    assert torch.equal(result["exact_patch"], result["icl"])
+    assert result["compiled"].shape == (7,) and "compiled_bias" not in result

@@ -10,7 +10,8 @@ Scored on the first token of " " + answer, per prompt (CounterFact's metrics, Me
 - generalisation: on its three paraphrases, p(new) > p(true);
 - specificity: on three questions about other subjects, p(their true answer) > p(new).
 Methods: the unedited model (no context), ICL (the statement, then the question), the compiled patch
-(default settings, and the bias-only variant), and the exact per-query patch (equal to ICL: a check).
+(default settings, and the bias-only variant where no norm follows the MLP: behind one a bias is no steering
+vector), and the exact per-query patch (equal to ICL: a check).
 Intervals: bootstrap 95% over the prompts of all facts.
 """
 
@@ -26,8 +27,10 @@ from torch import Tensor
 from implicit_icl.analyses.compile import fit_patch, record_calibration
 from implicit_icl.engine.construct import compute_patches
 from implicit_icl.engine.queries import context_logits, reduced_logits
+from implicit_icl.engine.spec import spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.models.load import LoadedModel
+from implicit_icl.progress import progress_bar
 from implicit_icl.report import write_json
 from implicit_icl.report.pages import Page, markdown
 from implicit_icl.statistics import N_RESAMPLES, bootstrap
@@ -101,7 +104,10 @@ def edit_fact(loaded: LoadedModel, facts: list[EncodedFact], index: int) -> dict
     start = time.perf_counter()
     recorded = record_calibration(model, fact.context_ids, calibration)  # one context-ful pass serves both fits
     record_seconds = time.perf_counter() - start
-    for name, settings in (("compiled", DEFAULT), ("compiled_bias", BIAS_SEARCH[1])):
+    fits = [("compiled", DEFAULT)]
+    if spec_for(model).post_mlp_norm is None:
+        fits.append(("compiled_bias", BIAS_SEARCH[1]))
+    for name, settings in fits:
         start = time.perf_counter()
         patch = fit_patch(model, recorded, settings)
         results[f"{name}_seconds"] = record_seconds + time.perf_counter() - start
@@ -121,10 +127,11 @@ def run_editing(loaded: LoadedModel, out: Path | None = None, facts=FACTS, seed:
     if loaded.tokenizer is None:
         raise ImplicitICLError("the facts are text, so the model needs a tokenizer")
     encoded = [encode_fact(loaded.tokenizer, fact) for fact in facts]
-    per_fact = [edit_fact(loaded, encoded, index) for index in range(len(encoded))]
+    per_fact = _edit_every_fact(loaded, encoded)
+    methods = {name: label for name, label in METHODS.items() if name in per_fact[0]}
     parts = {"efficacy": slice(0, 1), "generalisation": slice(1, 4), "specificity": slice(4, 7)}
     metrics = {}
-    for name in METHODS:
+    for name in methods:
         entry = {}
         for metric, part in parts.items():
             values = torch.cat([result[name][part] for result in per_fact]).double()
@@ -142,11 +149,11 @@ def run_editing(loaded: LoadedModel, out: Path | None = None, facts=FACTS, seed:
             f"{metrics[name][m]:.2f} [{metrics[name][m + '_ci95'][0]:.2f}, {metrics[name][m + '_ci95'][1]:.2f}]"
             for m in METRICS
         ]
-        for name, label in METHODS.items()
+        for name, label in methods.items()
     ]
     table = markdown(header, rows)
     per_fact_rows = [
-        dict(statement=fact.statement, **{name: result[name].int().tolist() for name in METHODS})
+        dict(statement=fact.statement, **{name: result[name].int().tolist() for name in methods})
         for fact, result in zip(facts, per_fact, strict=True)
     ]
     result = dict(n_facts=len(facts), metrics=metrics, table=table, facts=per_fact_rows)
@@ -155,8 +162,19 @@ def run_editing(loaded: LoadedModel, out: Path | None = None, facts=FACTS, seed:
     return result
 
 
+def _edit_every_fact(loaded: LoadedModel, encoded: list[EncodedFact]) -> list[dict[str, Tensor | float]]:
+    per_fact = []
+    with progress_bar() as bar:
+        task = bar.add_task("facts", total=len(encoded))
+        for index in range(len(encoded)):
+            per_fact.append(edit_fact(loaded, encoded, index))
+            bar.advance(task)
+    return per_fact
+
+
 def _write(out: Path, result: dict, model: str, rows: list[list[str]]) -> None:
     write_json(out / "metrics.json", result)
+    methods = list(result["metrics"])
     page = Page(f"context as a model edit: {model}")
     page.paragraph(
         f"{result['n_facts']} counterfactual statements, each the whole context, compiled into one patch from "
@@ -168,8 +186,8 @@ def _write(out: Path, result: dict, model: str, rows: list[list[str]]) -> None:
     )
     page.table(["method", *METRICS], rows, "Share of prompts where the edit's wanted token beats its rival.")
     page.table(
-        ["statement", *METHODS],
-        [[row["statement"]] + ["".join(map(str, row[name])) for name in METHODS] for row in result["facts"]],
+        ["statement", *methods],
+        [[row["statement"]] + ["".join(map(str, row[name])) for name in methods] for row in result["facts"]],
         "Per fact: own question, 3 paraphrases, 3 neighbours (1 = the wanted token wins).",
     )
     page.write(out)
