@@ -134,6 +134,11 @@ class Calibration:
         return torch.stack([state[last.to(state.device)].float().cpu() for state in self.states.layer_inputs])
 
 
+def bias_steers(model: PreTrainedModel) -> bool:
+    """Whether a bias on the MLP output can steer the model: not behind a norm of the MLP output (Gemma 2/3)."""
+    return spec_for(model).post_mlp_norm is None
+
+
 def _check_family(model: PreTrainedModel) -> FamilySpec:
     spec = spec_for(model)
     if model.training:
@@ -197,7 +202,7 @@ def fit_patch(
 ) -> Patch:
     """The chained fit of module docstring step 2, on the recorded calibration (or the queries `subset` of it)."""
     spec = _check_family(model)
-    if spec.post_mlp_norm is not None and settings.output == "bias":
+    if settings.output == "bias" and not bias_steers(model):
         raise ImplicitICLError(
             f"{model.config.model_type} normalises its MLP output, so a bias before that norm is no steering "
             "vector; use output 'down' (the output matrix and the norm's scale)"

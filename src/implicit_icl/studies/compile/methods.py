@@ -31,10 +31,9 @@ from implicit_icl.analyses.baselines import (
     last_token_states,
     task_vector,
 )
-from implicit_icl.analyses.compile import Calibration, CompileSettings, fit_patch, record_calibration
+from implicit_icl.analyses.compile import Calibration, CompileSettings, bias_steers, fit_patch, record_calibration
 from implicit_icl.engine.construct import compute_patches
 from implicit_icl.engine.queries import context_logits, reduced_logits
-from implicit_icl.engine.spec import spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.patch import PatchData
 from implicit_icl.studies.compile.splits import Encoded
@@ -345,7 +344,7 @@ def _compiled_methods(model, calibration: Calibration, queries, offset, n_dev, d
         compiled_settings=asdict(best[0]),
         search=[_search_row(item) for item in tried],
     )
-    if spec_for(model).post_mlp_norm is None:  # behind a post-MLP norm a bias is no steering vector
+    if bias_steers(model):
         bias_tried = []
         for setting in BIAS_SEARCH:
             step(f"bias-only compiled patch: {setting.label}")

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from implicit_icl.analyses.compile import fit_patch, record_calibration
+from implicit_icl.analyses.compile import bias_steers, fit_patch, record_calibration
 from implicit_icl.engine.construct import compute_patches
 from implicit_icl.engine.queries import context_logits, reduced_logits
-from implicit_icl.engine.spec import spec_for
 from implicit_icl.errors import ImplicitICLError
 from implicit_icl.models.load import LoadedModel
 from implicit_icl.progress import progress_bar
@@ -105,7 +104,7 @@ def edit_fact(loaded: LoadedModel, facts: list[EncodedFact], index: int) -> dict
     recorded = record_calibration(model, fact.context_ids, calibration)  # one context-ful pass serves both fits
     record_seconds = time.perf_counter() - start
     fits = [("compiled", DEFAULT)]
-    if spec_for(model).post_mlp_norm is None:
+    if bias_steers(model):
         fits.append(("compiled_bias", BIAS_SEARCH[1]))
     for name, settings in fits:
         start = time.perf_counter()
