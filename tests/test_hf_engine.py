@@ -12,6 +12,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from implicit_icl.engine.capture import attended_to_itself, first_output, hooked
+from implicit_icl.engine.spec import layers_of
 from implicit_icl.hf import SPECS, compute_patch, every_position_patches, verify_every_position, verify_patch
 from implicit_icl.models.zoo import VOCAB_SIZE, ZOO_CASES, tiny_model
 
@@ -116,8 +118,8 @@ def test_bfloat16_model_with_float32_arithmetic():
 
 def test_one_token_reduced_pass_recomputes_only_what_the_patch_needs(monkeypatch):
     """Per layer the context-ful pass runs all 7 matrices; the reduced pass then runs only o_proj (the
-    attention output of the token alone) and gate/up (u = W (z_C − z) needs W z): q/k/v and down_proj
-    are replayed from the context-ful pass."""
+    attention output of the token alone, from its values) and gate/up (u = W (z_C − z) needs W z): the
+    attention and down_proj are replayed from the context-ful pass."""
     model = tiny_model("llama", seed=0)
     called = []
     linear_forward = torch.nn.Linear.forward
@@ -132,6 +134,41 @@ def test_one_token_reduced_pass_recomputes_only_what_the_patch_needs(monkeypatch
     assert sorted(name for name in called if name) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "o_proj", "gate_proj", "up_proj"]
     )
+
+
+SELF_ATTENDING = [(family, variant) for family, variant in ZOO_CASES if SPECS[family].attends_to_itself]
+
+
+@pytest.mark.parametrize(("family", "variant"), SELF_ATTENDING)
+def test_a_plain_attention_on_tokens_alone_is_its_values_through_the_output_projection(family, variant):
+    """What the one-token reduced pass replays instead of running the attention (`attended_to_itself`):
+    HF's own attention modules on one-token sequences, at every layer (grouped heads, fused qkv, biases)."""
+    model = tiny_model(family, seed=0, variant=variant)
+    spec = SPECS[family]
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = first_output(output)
+
+        return hook
+
+    layers = layers_of(model, spec)
+    handles = [
+        hook_module.register_forward_hook(record((index, path)))
+        for index, layer in enumerate(layers)
+        for path in (spec.attention, spec.attention_inputs[-1])
+        for hook_module in [layer.get_submodule(path)]
+    ]
+    with hooked(handles):
+        model(input_ids=_ids(7, 1)[:, None], position_ids=torch.arange(3, 10)[:, None])
+    for index, layer in enumerate(layers):
+        attention = layer.get_submodule(spec.attention)
+        replayed, weights = attended_to_itself(
+            attention, layer.get_submodule(spec.attention_output), seen[index, spec.attention_inputs[-1]][:, 0]
+        )
+        assert weights is None and replayed.shape == seen[index, spec.attention].shape
+        assert (replayed - seen[index, spec.attention]).abs().max() <= 1e-13
 
 
 def test_top_level_api_loads_the_engine_lazily():

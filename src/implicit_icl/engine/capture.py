@@ -45,14 +45,18 @@ def hooked(handles: list) -> Iterator[None]:
 
 @contextmanager
 def replayed(outputs: dict[nn.Module, object]) -> Iterator[None]:
-    """Modules return the given outputs instead of computing them; their hooks still run.
+    """Modules return the given outputs instead of computing them; their hooks still run. An output may be
+    a function of no arguments, called when the module is (inside the pass, where offloaded weights are
+    on their device).
 
     For a one-token reduced pass whose layer inputs are the context-ful ones: a module that reads only
     the layer input at its own position (a q/k/v projection) would compute its context-ful output again."""
     saved = {module: module.__dict__.get("forward") for module in outputs}  # accelerate wraps forward too
     try:
         for module, output in outputs.items():
-            module.forward = lambda *args, _output=output, **kwargs: _fresh(_output)
+            module.forward = lambda *args, _output=output, **kwargs: (
+                _output() if callable(_output) else _fresh(_output)
+            )
         yield
     finally:
         for module, forward in saved.items():
@@ -65,6 +69,20 @@ def replayed(outputs: dict[nn.Module, object]) -> Iterator[None]:
 def _fresh(output: object) -> object:
     """A copy of a replayed tensor, since some models add to a module's output in place (Falcon)."""
     return output.clone() if isinstance(output, Tensor) else output
+
+
+def attended_to_itself(attention: nn.Module, output_projection: nn.Module, projected: Tensor) -> tuple:
+    """What a plain softmax attention module returns for N one-token sequences, each seeing only itself:
+    softmax over one key is exactly 1, so each head outputs its key-value head's values, and the output
+    projection reads the heads side by side (HF's eager attention and `repeat_kv`, whatever the queries).
+
+    projected: [N, ·] the last input projection's output at each token, ending with its values [N, kv × D]
+    (v_proj, or a fused qkv's last columns). Returns ([N, 1, hidden], None), as the module does."""
+    head_dim, groups = attention.head_dim, attention.num_key_value_groups
+    width = attention.config.num_attention_heads // groups * head_dim
+    values = projected[:, projected.shape[-1] - width :].unflatten(-1, (-1, head_dim))  # [N, kv, D]
+    heads = values.repeat_interleave(groups, 1) if groups > 1 else values  # [N, heads, D]
+    return output_projection(heads.flatten(1)[:, None]), None
 
 
 def row_reader(rows: Tensor) -> Callable[[Tensor], Tensor]:
@@ -112,7 +130,8 @@ def record_context(
     """One context-ful forward pass of `inputs` (any batch: plain, padded or with a custom mask), read at
     rows [N, 2] of (sequence, position index); it stops after the last layer.
 
-    replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`).
+    replay: also record what a one-token reduced pass can replay instead of recomputing (see `replayed`
+    and `FamilySpec.replayed_inputs`).
     cache: the keys and values of the tokens before `inputs` (see `run_model`); the run extends it.
     head: run on through the head and keep the logits: True at every position, or at the position indices
     [K] given (HF's `logits_to_keep`)."""
@@ -183,7 +202,7 @@ def record_context(
             handles.append(module.get_submodule(spec.residual_sum).register_forward_pre_hook(record_sum(layer)))
         recorded = spec.mlp_inputs
         if replay:
-            recorded += spec.attention_inputs + ((spec.mlp_output,) if spec.mlp_output else ())
+            recorded += spec.replayed_inputs
         for path in recorded:
             handles.append(module.get_submodule(path).register_forward_hook(record_matrix(layer, path)))
     with hooked(handles):

@@ -36,6 +36,7 @@ from implicit_icl.engine.apply import (
 )
 from implicit_icl.engine.capture import (
     ContextStates,
+    attended_to_itself,
     first_output,
     hooked,
     record_context,
@@ -276,12 +277,19 @@ class _LayerConstruction:
         return handles
 
     def replay_outputs(self) -> dict[nn.Module, object]:
-        """Modules whose context-ful outputs a one-token reduced pass replays (capture.replayed): the
-        attention's input projections (they read the context-ful layer input) and the MLP's output side
-        (once the input side is patched, it reads the context-ful activation)."""
-        outputs, spec = self.states.outputs[self.index], self.spec
-        paths = spec.attention_inputs + ((spec.mlp_output,) if spec.mlp_output else ())
-        replay = {self.layer.get_submodule(path): outputs[path][:, None] for path in paths}  # [N, 1, out]
+        """Modules whose outputs a one-token reduced pass replays (capture.replayed): the attention reads
+        the context-ful layer input, so a plain one returns its own values through its output projection
+        (`attended_to_itself`) and any other its input projections' recorded outputs; the MLP's output side
+        reads the context-ful activation once the input side is patched."""
+        outputs, spec, layer = self.states.outputs[self.index], self.spec, self.layer
+        paths = spec.replayed_inputs
+        replay = {}
+        if spec.attends_to_itself:
+            attention, values = layer.get_submodule(spec.attention), outputs[paths[0]]
+            output_projection = layer.get_submodule(spec.attention_output)
+            replay[attention] = lambda: attended_to_itself(attention, output_projection, values)
+            paths = paths[1:]
+        replay.update({layer.get_submodule(path): outputs[path][:, None] for path in paths})  # [N, 1, out]
         if self.experts is not None:
             replay.update(self.experts.replay_outputs())  # MoE modules see rows [N, ...]
         return replay

@@ -33,6 +33,11 @@ paths are relative to one decoder layer unless said otherwise):
 - `plain_attention`: the family's eager attention is softmax(softcap(q kᵀ · scaling) + mask) v through HF's
   attention interface, nothing else (no sinks, no bias, no scaling of its own). Speed only: the one-pass
   dynamics then splits the copies' attention in two (analyses/dynamics/attention.py).
+- `attention_output`: with `plain_attention`, the attention's output projection (o_proj, dense), whose
+  input is the heads' outputs side by side, head h reading key-value head h // (heads / key-value heads);
+  the last attention input must end with the values (v_proj, or a fused qkv's last columns). Speed only:
+  softmax over one key is exactly 1, so a token that sees only itself gets its own values through this
+  projection, and a one-token reduced pass replays the attention whole from its recorded values.
 
 What the spec deliberately leaves out, because the hooks find it: GPT-2's Conv1D orientation (weights
 [in, out]) is detected from the module type at the boundary where a patch is applied; whether a layer
@@ -87,6 +92,7 @@ class FamilySpec:
     experts: ExpertsSpec | None = None
     attention_inputs: tuple[str, ...] = ()
     plain_attention: bool = False
+    attention_output: str | None = None
 
     @property
     def attention(self) -> str | None:
@@ -94,6 +100,18 @@ class FamilySpec:
         if not self.attention_inputs:
             return None
         return self.attention_inputs[0].rpartition(".")[0] or None
+
+    @property
+    def attends_to_itself(self) -> bool:
+        """Whether a one-token reduced pass replays the attention whole (see `attention_output`)."""
+        return self.plain_attention and self.attention_output is not None
+
+    @property
+    def replayed_inputs(self) -> tuple[str, ...]:
+        """The modules whose context-ful outputs a one-token reduced pass replays or reads: the attention's
+        values alone where it replays the attention whole, else every attention input; the MLP output."""
+        attention = self.attention_inputs[-1:] if self.attends_to_itself else self.attention_inputs
+        return attention + ((self.mlp_output,) if self.mlp_output else ())
 
     @property
     def output_sides(self) -> tuple[str, ...]:
@@ -118,6 +136,7 @@ _GATED = FamilySpec(
     mlp_output="mlp.down_proj",
     attention_inputs=_QKV,
     plain_attention=True,
+    attention_output="self_attn.o_proj",
 )
 
 # Gemma 2/3 normalise the MLP output before the residual sum, so only the norm scale can add δ exactly. The
@@ -143,6 +162,7 @@ SPECS: dict[str, FamilySpec] = {
         mlp_output="mlp.down_proj",
         attention_inputs=("self_attn.qkv_proj",),
         plain_attention=True,
+        attention_output="self_attn.o_proj",
     ),
     "gpt2": FamilySpec(
         layers="h", mlp_inputs=("mlp.c_fc",), mlp_output="mlp.c_proj", attention_inputs=("attn.c_attn",)
@@ -154,7 +174,12 @@ SPECS: dict[str, FamilySpec] = {
         attention_inputs=("attention.query_key_value",),
     ),
     "phi": FamilySpec(
-        layers="layers", mlp_inputs=("mlp.fc1",), mlp_output="mlp.fc2", attention_inputs=_QKV, plain_attention=True
+        layers="layers",
+        mlp_inputs=("mlp.fc1",),
+        mlp_output="mlp.fc2",
+        attention_inputs=_QKV,
+        plain_attention=True,
+        attention_output="self_attn.dense",
     ),
     "falcon": FamilySpec(
         layers="h",
@@ -169,6 +194,7 @@ SPECS: dict[str, FamilySpec] = {
         experts=ExpertsSpec(),
         attention_inputs=_QKV,
         plain_attention=True,
+        attention_output="self_attn.o_proj",
     ),
     # Gemma's pre-norms scale by (1 + w), but only post-MLP norms are patched, so Gemma 1 is Llama here.
     "gemma": _GATED,
