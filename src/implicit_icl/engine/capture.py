@@ -54,9 +54,7 @@ def replayed(outputs: dict[nn.Module, object]) -> Iterator[None]:
     saved = {module: module.__dict__.get("forward") for module in outputs}  # accelerate wraps forward too
     try:
         for module, output in outputs.items():
-            module.forward = lambda *args, _output=output, **kwargs: (
-                _output() if callable(_output) else _fresh(_output)
-            )
+            module.forward = lambda *args, _output=output, **kwargs: _output() if callable(_output) else _fresh(_output)
         yield
     finally:
         for module, forward in saved.items():
